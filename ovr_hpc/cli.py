@@ -1,0 +1,136 @@
+"""`ovr-hpc` command line: parse, validate the config, call one entry point.
+
+    ovr-hpc coldstart CONFIG [key=value ...]      train (one process per rank: srun / torchrun / submitit)
+    ovr-hpc check STAGE CONFIG [key=value ...]    validate a config and print it resolved (no torch import)
+    ovr-hpc submit STAGE CONFIG [options] [key=value ...]   submit through submitit
+    ovr-hpc data check FILE [FILE ...]            report malformed records without training
+    ovr-hpc export CHECKPOINT OUT_DIR             Hugging Face model from a training checkpoint
+    ovr-hpc tiny-model OUT_DIR                    a random-init tiny Qwen2.5-VL, tokenizer and processor
+    ovr-hpc demo [--out DIR]                      the tiny two-stage pipeline end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ovr_hpc.config import ConfigError, dump_config, load_config
+
+TRAIN_STAGES = ("coldstart",)
+
+
+def run_stage(stage: str, config_path: str, overrides: list[str]) -> int:
+    """The one entry point every launcher ends in (sbatch/srun, submitit, torchrun, local). Returns an exit code."""
+    config = load_config(stage, config_path, overrides)
+    if stage == "coldstart":
+        from ovr_hpc.sft.trainer import train
+    else:  # pragma: no cover - guarded by load_config
+        raise ConfigError(f"stage {stage!r} has no trainer")
+    result = train(config)
+    if result["status"] == "preempted":
+        from ovr_hpc.dist import EXIT_REQUEUE
+
+        return EXIT_REQUEUE
+    return 0
+
+
+def _check(args) -> int:
+    config = load_config(args.stage, args.config, args.overrides)
+    if args.world_size:
+        config.parallel.validate_world(args.world_size)
+    if not args.quiet:
+        print(dump_config(config), end="")
+    return 0
+
+
+def _data_check(args) -> int:
+    from ovr_hpc.data.records import read_records
+
+    kind = args.kind
+    records, report = read_records(args.files, kind=kind, check_images=True)
+    print(report.format())
+    print(f"{len(records)} usable records")
+    return 0 if report.num_bad == 0 else 1
+
+
+def _export(args) -> int:
+    from ovr_hpc.checkpoint import export_hf
+
+    out = export_hf(args.checkpoint, args.out_dir)
+    print(f"wrote {out}")
+    return 0
+
+
+def _tiny_model(args) -> int:
+    from ovr_hpc.models.tiny import build_tiny_model
+
+    out = build_tiny_model(args.out_dir, seed=args.seed)
+    print(f"wrote {out}")
+    return 0
+
+
+def _demo(args) -> int:
+    from ovr_hpc.demo import run_demo
+
+    report = run_demo(args.out, nprocs=args.nprocs)
+    print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ovr-hpc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for stage in TRAIN_STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage on this rank")
+        p.add_argument("config")
+        p.add_argument("overrides", nargs="*", help="key.sub=value")
+        p.set_defaults(func=lambda a, s=stage: run_stage(s, a.config, a.overrides))
+
+    p = sub.add_parser("check", help="validate a config (no torch import) and print it resolved")
+    p.add_argument("stage")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--world-size", type=int, default=0, help="also check the batch layout for this many ranks")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_check)
+
+    p = sub.add_parser("submit", help="submit a stage through submitit (see `ovr-hpc submit -h`)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda a: __import__("ovr_hpc.launch", fromlist=["cli_main"]).cli_main(a.rest))
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    q = data_sub.add_parser("check", help="report malformed records (file:line, counts by kind)")
+    q.add_argument("files", nargs="+")
+    q.add_argument("--kind", choices=["sft", "rl"], default="sft")
+    q.set_defaults(func=_data_check)
+
+    p = sub.add_parser("export", help="write a Hugging Face model from a checkpoint")
+    p.add_argument("checkpoint", help="OUTPUT_DIR/checkpoints/step_N (or .../latest, or OUTPUT_DIR)")
+    p.add_argument("out_dir")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("tiny-model", help="write a random-init tiny Qwen2.5-VL (HF format)")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_tiny_model)
+
+    p = sub.add_parser("demo", help="tiny cold start (+ RL) end to end on this machine")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--nprocs", type=int, default=2)
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"ovr-hpc: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

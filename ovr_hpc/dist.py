@@ -1,0 +1,184 @@
+"""Where a process sits in the job: rank info from the environment, the process group, preemption.
+
+Launchers covered, in the order they are recognised:
+- torchrun (or anything that exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT);
+- a Slurm job step (srun, or submitit's tasks): SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID, the master
+  is the first host of the step's node list, the port is derived from the job id;
+- a single process.
+The stage loops know nothing else about how they were launched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from dataclasses import dataclass
+
+# Exit status of a run that saved a checkpoint because it was asked to stop (preemption, time limit):
+# the sbatch script requeues the job on it. 75 = EX_TEMPFAIL ("try again later").
+EXIT_REQUEUE = 75
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "slurm" | "single"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    # scontrol missing: handle "node[1-3,5],other" and plain names ourselves
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        first = rest.split(",")[0].split("-")[0].rstrip("]")
+        return prefix + first
+    return head
+
+
+def slurm_master_port(job_id: str | int) -> int:
+    """A port from the job id, so two jobs sharing a node do not collide (range 20000-59999)."""
+    return 20000 + int(job_id) % 40000
+
+
+def detect_rank_info(environ: dict | None = None) -> RankInfo:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return RankInfo(
+            rank=int(env["RANK"]),
+            world_size=world,
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    # Only a job step (srun) has one task per rank; the batch script itself is not a rank.
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and "SLURM_NTASKS" in env:
+        world = int(env["SLURM_NTASKS"])
+        nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", 1)))
+        nodelist = env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost"))
+        return RankInfo(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=world,
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            local_world_size=max(1, world // max(1, nodes)),
+            master_addr=env.get("MASTER_ADDR") or _first_slurm_host(nodelist),
+            master_port=int(env.get("MASTER_PORT") or slurm_master_port(env.get("SLURM_JOB_ID", 0))),
+            launcher="slurm",
+        )
+    return RankInfo(0, 1, 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 29500)), "single")
+
+
+def init_distributed(timeout_minutes: int = 60) -> RankInfo:
+    """Export the torch.distributed variables and start the process group (NCCL on GPUs, gloo on CPU)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    info = detect_rank_info()
+    os.environ.update(
+        RANK=str(info.rank),
+        WORLD_SIZE=str(info.world_size),
+        LOCAL_RANK=str(info.local_rank),
+        LOCAL_WORLD_SIZE=str(info.local_world_size),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    return info
+
+
+def device():
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_max(value: float) -> float:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class StopRequest:
+    """Set by a signal; the loops read `agreed()` at step boundaries so every rank stops at the same step.
+
+    Signals: SIGUSR1 (our sbatch scripts' warning before the time limit), SIGTERM (scancel, preemption,
+    `scontrol requeue`), SIGUSR2 (submitit's timeout/preemption signal). The handler only sets a flag:
+    saving from inside a signal handler would race the step in flight.
+    """
+
+    SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def install(self) -> "StopRequest":
+        for name in self.SIGNALS:
+            signal.signal(getattr(signal, name), self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:  # noqa: ARG002
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank got a signal (one all-reduce per call)."""
+        return all_reduce_max(1.0 if self.requested else 0.0) > 0
