@@ -6,12 +6,14 @@
     ovr-hpc data check FILE [FILE ...]            report malformed records without training
     ovr-hpc export CHECKPOINT OUT_DIR             Hugging Face model from a training checkpoint
     ovr-hpc tiny-model OUT_DIR                    a random-init tiny Qwen2.5-VL, tokenizer and processor
+    ovr-hpc synth-data {sft,rl} OUT.jsonl         synthetic arithmetic reasoning records
     ovr-hpc demo [--out DIR]                      the tiny two-stage pipeline end to end
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ovr_hpc.config import ConfigError, dump_config, load_config
@@ -69,6 +71,15 @@ def _tiny_model(args) -> int:
     return 0
 
 
+def _synth_data(args) -> int:
+    from ovr_hpc.data import synthetic
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write = synthetic.write_arithmetic_sft if args.kind == "sft" else synthetic.write_arithmetic_rl
+    print(f"wrote {write(args.out, args.n, args.seed)}")
+    return 0
+
+
 def _demo(args) -> int:
     from ovr_hpc.demo import run_demo
 
@@ -115,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_tiny_model)
+
+    p = sub.add_parser("synth-data", help="write synthetic arithmetic reasoning records (demo, tests)")
+    p.add_argument("kind", choices=["sft", "rl"])
+    p.add_argument("out")
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_synth_data)
 
     p = sub.add_parser("demo", help="tiny cold start (+ RL) end to end on this machine")
     p.add_argument("--out", default="runs/demo")

@@ -1,0 +1,167 @@
+"""Atomic full-state checkpoints, the `latest` pointer, pruning, resume and Hugging Face export.
+
+Layout of OUTPUT_DIR/checkpoints/:
+    step_N/engine/...          engine state as trained (DeepSpeed: sharded model + optimizer + scheduler)
+    step_N/rng_rank{R}.pt      RNG states of every rank (torch CPU/CUDA, python, numpy)
+    step_N/train_state.json    step, data position, tokens seen, ... (whatever the loop needs to go on)
+    step_N/config.yaml         the config the run was started with
+    step_N/hf/                 full Hugging Face weights + processor (what `ovr-hpc export` copies)
+    step_N/COMPLETE            written last inside the folder
+    latest -> step_N           symlink, replaced atomically after the folder is complete
+
+A save writes into .tmp_step_N and renames it, then moves `latest`: a crash at any moment leaves the
+previous checkpoint usable. Only folders with COMPLETE count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+
+import numpy as np
+import torch
+
+from ovr_hpc import dist
+
+COMPLETE = "COMPLETE"
+
+
+def checkpoints_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, "checkpoints")
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint: `latest` if valid, else the highest complete step_N."""
+    root = checkpoints_dir(output_dir)
+    link = os.path.join(root, "latest")
+    if os.path.exists(os.path.join(link, COMPLETE)):
+        return os.path.realpath(link)
+    steps = sorted(_complete_steps(root), reverse=True)
+    return os.path.join(root, f"step_{steps[0]}") if steps else None
+
+
+def _complete_steps(root: str) -> list[int]:
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for name in os.listdir(root):
+        m = re.fullmatch(r"step_(\d+)", name)
+        if m and os.path.exists(os.path.join(root, name, COMPLETE)):
+            out.append(int(m.group(1)))
+    return out
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_hf_model(state_dict: dict, model_path: str, out_dir: str) -> None:
+    """Full weights in the Hugging Face layout of `model_path`'s architecture, plus its processor files."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        shell = AutoModelForImageTextToText.from_config(config)
+    shell.save_pretrained(out_dir, state_dict=state_dict, max_shard_size="4GB")
+    AutoProcessor.from_pretrained(model_path).save_pretrained(out_dir)
+    try:
+        GenerationConfig.from_pretrained(model_path).save_pretrained(out_dir)
+    except OSError:
+        pass  # the base model has no generation_config.json
+
+
+def save_checkpoint(engine, output_dir: str, step: int, train_state: dict, config_yaml: str, model_path: str,
+                    keep_last: int, save_hf: bool) -> str:
+    """All ranks call. Returns the final step_N path."""
+    root = checkpoints_dir(output_dir)
+    final = os.path.join(root, f"step_{step}")
+    tmp = os.path.join(root, f".tmp_step_{step}")
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    engine.save(tmp, client_state={"train_state": train_state})
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if save_hf:
+        state_dict = engine.full_state_dict()
+        if rank == 0:
+            save_hf_model(state_dict, model_path, os.path.join(tmp, "hf"))
+        del state_dict
+    if rank == 0:
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump(train_state, f, indent=1)
+        with open(os.path.join(tmp, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, COMPLETE), "w") as f:
+            f.write(f"step {step}\n")
+        if os.path.exists(final):  # a re-save of the same step (e.g. final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        link_tmp = os.path.join(root, ".latest.tmp")
+        if os.path.lexists(link_tmp):
+            os.remove(link_tmp)
+        os.symlink(f"step_{step}", link_tmp)
+        os.replace(link_tmp, os.path.join(root, "latest"))
+        for old in sorted(_complete_steps(root))[:-keep_last]:
+            shutil.rmtree(os.path.join(root, f"step_{old}"), ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(engine, path: str) -> dict:
+    """All ranks call. Restores engine state and this rank's RNG; returns the train state."""
+    client_state = engine.load(path)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rng_file = os.path.join(path, f"rng_rank{rank}.pt")
+    if not os.path.exists(rng_file):
+        raise RuntimeError(f"{path} has no RNG state for rank {rank}: was it saved with a different world size?")
+    set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: holds python/numpy state
+    return client_state["train_state"]
+
+
+def resolve_checkpoint(path: str) -> str:
+    """OUTPUT_DIR, OUTPUT_DIR/checkpoints, .../latest or .../step_N -> a complete step_N folder."""
+    if os.path.exists(os.path.join(path, COMPLETE)):
+        return os.path.realpath(path)
+    for output_dir in (path, os.path.dirname(path.rstrip("/"))):
+        found = latest_checkpoint(output_dir)
+        if found:
+            return found
+    raise FileNotFoundError(f"no complete checkpoint at {path} (looked for {COMPLETE} markers)")
+
+
+def export_hf(checkpoint: str, out_dir: str) -> str:
+    """Copy a checkpoint's Hugging Face weights + processor to out_dir (loadable with from_pretrained)."""
+    src = os.path.join(resolve_checkpoint(checkpoint), "hf")
+    if not os.path.isdir(src):
+        raise FileNotFoundError(
+            f"{src} does not exist: the run was saved with checkpoint.save_hf_weights=false; "
+            "resume it for one step with checkpoint.save_hf_weights=true to write the weights"
+        )
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    shutil.copytree(src, out_dir, dirs_exist_ok=True)
+    return out_dir

@@ -1,0 +1,250 @@
+"""Reading and validating records (JSONL or Parquet), with a report of every bad one.
+
+A bad record (malformed JSON, missing field, empty answer, unreadable or corrupt image, non-UTF-8 text)
+is reported with its file and line, counted by kind, and skipped; nothing is dropped silently. The
+caller decides whether the share of bad records is acceptable (`DataReport.check_threshold`).
+
+Record formats:
+- cold start ("sft"): {"messages": [{"role": "user"|"assistant"|"system", "content": str | [parts]}],
+  "images": [path | url | base64], "id": ..., "source": ...}
+- RL ("rl"): {"problem": str, "answer": str, "images": [...], "id", "source", "answer_type"}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("system", "user", "assistant")
+MAX_REPORTED = 20  # examples printed per report; every bad record is still counted
+
+
+class BadRecord(Exception):
+    """A record that cannot be used. `kind` is a short code for counting."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass
+class DataReport:
+    num_total: int = 0
+    num_bad: int = 0
+    kinds: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    # samples cut or dropped for length (not bad records, but counted the same way)
+    num_truncated: int = 0
+    num_dropped_overlong: int = 0
+
+    def add_bad(self, where: str, kind: str, message: str) -> None:
+        self.num_bad += 1
+        self.kinds[kind] += 1
+        if len(self.examples) < MAX_REPORTED:
+            self.examples.append(f"{where}: {kind}: {message}")
+
+    def merge(self, other: "DataReport") -> None:
+        self.num_total += other.num_total
+        self.num_bad += other.num_bad
+        self.kinds.update(other.kinds)
+        self.examples.extend(other.examples[: max(0, MAX_REPORTED - len(self.examples))])
+        self.num_truncated += other.num_truncated
+        self.num_dropped_overlong += other.num_dropped_overlong
+
+    @property
+    def bad_fraction(self) -> float:
+        return self.num_bad / self.num_total if self.num_total else 0.0
+
+    def format(self) -> str:
+        lines = [f"{self.num_total} records, {self.num_bad} bad ({100 * self.bad_fraction:.2f}%)"]
+        for kind, count in sorted(self.kinds.items()):
+            lines.append(f"  {kind}: {count}")
+        if self.num_truncated or self.num_dropped_overlong:
+            lines.append(f"  overlong: {self.num_truncated} truncated, {self.num_dropped_overlong} dropped")
+        if self.examples:
+            lines.append("first bad records:")
+            lines.extend(f"  {e}" for e in self.examples)
+        return "\n".join(lines)
+
+    def check_threshold(self, max_bad_fraction: float) -> None:
+        if self.bad_fraction > max_bad_fraction:
+            raise ValueError(
+                f"{self.num_bad} of {self.num_total} records are bad ({100 * self.bad_fraction:.2f}% > "
+                f"data.max_bad_fraction {100 * max_bad_fraction:.2f}%); fix the data or raise the threshold.\n"
+                + self.format()
+            )
+
+    def as_metrics(self) -> dict[str, int]:
+        out = {"data/records": self.num_total, "data/bad": self.num_bad}
+        out.update({f"data/bad_{k}": v for k, v in self.kinds.items()})
+        out["data/truncated"] = self.num_truncated
+        out["data/dropped_overlong"] = self.num_dropped_overlong
+        return out
+
+
+@dataclass
+class Record:
+    """A validated record. `where` is 'file:line' for messages; `images` are resolved references."""
+
+    where: str
+    data: dict[str, Any]
+    images: list[str]
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (h, w) after resizing, when checked
+
+
+def iter_raw(path: str) -> Iterator[tuple[str, Any]]:
+    """(where, parsed object or BadRecord) for every line of a JSONL file / row of a Parquet file."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # noqa: BLE001 - any pyarrow failure is a bad file
+            yield f"{path}", BadRecord("unreadable_file", f"cannot read Parquet: {e}")
+            return
+        for i, row in enumerate(table.to_pylist()):
+            yield f"{path}:row {i + 1}", row
+        return
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield where, BadRecord("non_utf8", f"not UTF-8 at byte {e.start}")
+                continue
+            try:
+                yield where, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield where, BadRecord("malformed_json", f"{e.msg} at column {e.colno}")
+
+
+def resolve_image_ref(ref: Any, base_dir: str) -> str:
+    if not isinstance(ref, str) or not ref:
+        raise BadRecord("bad_image", f"image reference {ref!r} is not a non-empty string")
+    if ref.startswith(("http://", "https://", "data:image", "file://")):
+        return ref
+    return ref if os.path.isabs(ref) else os.path.normpath(os.path.join(base_dir, ref))
+
+
+def _text_of(content: Any, where_field: str) -> tuple[str, int]:
+    """Text and number of image slots of a message content (string with <image>, or a list of parts)."""
+    if isinstance(content, str):
+        return content, content.count(IMAGE_PLACEHOLDER)
+    if isinstance(content, list):
+        text, n_images = [], 0
+        for part in content:
+            if not isinstance(part, dict) or "type" not in part:
+                raise BadRecord("bad_message", f"{where_field}: content parts must be objects with a 'type'")
+            if part["type"] == "image":
+                n_images += 1
+            elif part["type"] == "text":
+                if not isinstance(part.get("text"), str):
+                    raise BadRecord("bad_message", f"{where_field}: text part without a string 'text'")
+                text.append(part["text"])
+            else:
+                raise BadRecord("bad_message", f"{where_field}: unknown content part type {part['type']!r}")
+        return "".join(text), n_images
+    raise BadRecord("bad_message", f"{where_field}: content must be a string or a list of parts")
+
+
+def validate_sft(obj: dict) -> int:
+    """Checks a cold-start record; returns the number of image slots in its messages."""
+    messages = obj.get("messages")
+    if messages is None:
+        raise BadRecord("missing_field", "no 'messages' field")
+    if not isinstance(messages, list) or not messages:
+        raise BadRecord("bad_message", "'messages' must be a non-empty list")
+    n_slots, n_assistant = 0, 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadRecord("bad_message", f"messages[{i}] needs 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise BadRecord("bad_message", f"messages[{i}].role {m['role']!r} is not one of {ROLES}")
+        text, slots = _text_of(m["content"], f"messages[{i}].content")
+        n_slots += slots
+        if m["role"] == "assistant":
+            n_assistant += 1
+            if slots:
+                raise BadRecord("bad_message", f"messages[{i}]: images in an assistant message")
+            if not text.strip():
+                raise BadRecord("empty_answer", f"messages[{i}] (assistant) is empty")
+    if n_assistant == 0:
+        raise BadRecord("missing_field", "no assistant message to learn from")
+    if messages[-1]["role"] != "assistant":
+        raise BadRecord("bad_message", "the last message must be the assistant's")
+    return n_slots
+
+
+def validate_rl(obj: dict) -> int:
+    for name in ("problem", "answer"):
+        if name not in obj or obj[name] is None:
+            raise BadRecord("missing_field", f"no {name!r} field")
+    if not isinstance(obj["problem"], str) or not obj["problem"].strip():
+        raise BadRecord("bad_message", "'problem' must be a non-empty string")
+    answer = obj["answer"]
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        obj["answer"] = answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip():
+        raise BadRecord("empty_answer", "'answer' must be a non-empty string")
+    return obj["problem"].count(IMAGE_PLACEHOLDER)
+
+
+VALIDATORS = {"sft": validate_sft, "rl": validate_rl}
+
+
+def read_records(
+    paths: list[str],
+    kind: str = "sft",
+    check_images: bool = True,
+    min_pixels: int = 3136,
+    max_pixels: int = 1003520,
+    select=None,
+) -> tuple[list[Record], DataReport]:
+    """Every usable record of the files, in file order, and the report of the others.
+
+    With check_images every image is decoded and resized once (a corrupt file is reported here) and its
+    resized size kept in `Record.image_sizes`, which fixes its number of visual tokens.
+    `select(i)` keeps only the i-th raw entries (over all files) it accepts: ranks split the work.
+    """
+    from ovr_hpc.data.vision import check_image
+
+    validate = VALIDATORS[kind]
+    report = DataReport()
+    records: list[Record] = []
+    raw_index = -1
+    for path in paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"data file {path} does not exist")
+        base_dir = os.path.dirname(os.path.abspath(path))
+        for where, obj in iter_raw(path):
+            raw_index += 1
+            if select is not None and not select(raw_index):
+                continue
+            report.num_total += 1
+            try:
+                if isinstance(obj, BadRecord):
+                    raise obj
+                if not isinstance(obj, dict):
+                    raise BadRecord("malformed_json", "a record must be a JSON object")
+                n_slots = validate(obj)
+                raw_images = obj.get("images") or []
+                if not isinstance(raw_images, list):
+                    raise BadRecord("bad_image", "'images' must be a list")
+                images = [resolve_image_ref(r, base_dir) for r in raw_images]
+                if n_slots and n_slots != len(images):
+                    raise BadRecord(
+                        "image_count_mismatch", f"{n_slots} image placeholders but {len(images)} images"
+                    )
+                sizes = [check_image(ref, min_pixels, max_pixels) for ref in images] if check_images else []
+                records.append(Record(where=where, data=obj, images=images, image_sizes=sizes))
+            except BadRecord as e:
+                report.add_bad(where, e.kind, e.message)
+    return records, report

@@ -1,0 +1,102 @@
+"""The one place that builds models and processors from a Hugging Face directory.
+
+Everything loads by path, exactly as Qwen/Qwen2.5-VL-7B-Instruct would be loaded: the tiny test
+model goes through the same code.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_attn_implementation(name: str) -> str:
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_processor(path: str, min_pixels: int | None = None, max_pixels: int | None = None):
+    from transformers import AutoProcessor
+
+    kwargs = {}
+    if min_pixels is not None:
+        kwargs.update(min_pixels=min_pixels, max_pixels=max_pixels)
+    processor = AutoProcessor.from_pretrained(path, **kwargs)
+    if not hasattr(processor, "image_processor"):
+        raise RuntimeError(
+            f"AutoProcessor.from_pretrained({path!r}) returned only a tokenizer: torchvision is probably "
+            "missing or broken (it must be the build matching torch; see README, Versions)"
+        )
+    return processor
+
+
+def load_vlm(path: str, dtype: str = "float32", attn_implementation: str = "auto", freeze_vision: bool = False,
+             gradient_checkpointing: bool = False) -> nn.Module:
+    """A Qwen2.5-VL-style image-text-to-text model from `path`, on the CPU (engines move it)."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        path, dtype=DTYPES[dtype], attn_implementation=resolve_attn_implementation(attn_implementation)
+    )
+    if freeze_vision:
+        for p in vision_tower(model).parameters():
+            p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    return model.model.visual
+
+
+def lm_head(model: nn.Module) -> nn.Module:
+    return model.lm_head
+
+
+def last_hidden_states(model: nn.Module, batch) -> torch.Tensor:
+    """[T, H] hidden states of a packed row, without the [T, V] logits.
+
+    Positions are passed explicitly with a leading text-position row ([4, 1, T]) and no attention
+    mask: transformers then treats each restart of the text positions as a new sample (block-causal
+    mask on sdpa/eager, varlen flash-attention on GPUs).
+    """
+    out = model.model(
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        pixel_values=batch.pixel_values,
+        image_grid_thw=batch.image_grid_thw,
+        use_cache=False,
+    )
+    return out.last_hidden_state[0]
+
+
+class TokenLogprobs(nn.Module):
+    """Wraps the VLM: forward(batch) -> fp32 log p(target) per position (and entropy), via the fused kernel.
+
+    The LM head's weight is read directly (no logits tensor); engines that partition parameters
+    (ZeRO-3) must register it as an external parameter of this module.
+    """
+
+    def __init__(self, model: nn.Module, tp_group=None):
+        super().__init__()
+        self.model = model
+        self.tp_group = tp_group
+
+    def forward(self, batch, temperature: float = 1.0, return_entropy: bool = False):
+        from ovr_hpc.kernels import fused_logprobs
+
+        hidden = last_hidden_states(self.model, batch)
+        return fused_logprobs(hidden, lm_head(self.model).weight, batch.targets, temperature=temperature,
+                              return_entropy=return_entropy, tp_group=self.tp_group)
