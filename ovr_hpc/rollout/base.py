@@ -1,0 +1,48 @@
+"""The rollout-engine interface: prompts (with images) in; token ids, text, finish reason and sampled
+log-probs out. `hf.py` runs transformers' generate (CPU, tests, the demo); the colocated vLLM engine
+plugs in behind the same surface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Protocol
+
+import torch
+
+
+@dataclass
+class Prompt:
+    """A user turn: text (with `<image>` placeholders or not) and its images (paths/URLs/base64)."""
+
+    text: str
+    images: list[str] = field(default_factory=list)
+    system: str | None = None
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class Completion:
+    prompt_index: int
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (end of turn or a stop string) | "length" (hit max_new_tokens)
+    logprobs: list[float]  # log p(token) under the sampling distribution at `temperature`
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        """n completions per prompt, in prompt order."""
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Serve these (Hugging Face-named, full) weights from now on."""

@@ -1,0 +1,95 @@
+"""Rollouts with transformers' generate: the CPU engine (tests, the demo, evaluation without vLLM)."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from ovr_hpc.data.templates import to_chat_messages
+from ovr_hpc.data.vision import load_image
+from ovr_hpc.rollout.base import Completion, Prompt, SamplingParams
+
+
+def chat_prompt_text(processor, prompt: Prompt) -> str:
+    messages = [{"role": "user", "content": prompt.text}]
+    chat = to_chat_messages(messages, len(prompt.images), prompt.system)
+    return processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+class HFRolloutEngine:
+    def __init__(self, model, processor, min_pixels: int, max_pixels: int, batch_size: int = 16):
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.batch_size = batch_size
+        tok = self.tokenizer
+        self.end_ids = [i for i in {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} if i is not None]
+        # the model must never emit vision placeholders itself
+        self.suppress_ids = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        results: list[list[Completion]] = [[] for _ in prompts]
+        generator_seed = params.seed
+        for start in range(0, len(prompts), self.batch_size):
+            chunk = list(range(start, min(start + self.batch_size, len(prompts))))
+            torch.manual_seed(generator_seed + start)
+            for i, completion in self._generate_chunk([prompts[i] for i in chunk], chunk, params):
+                results[i].append(completion)
+        return results
+
+    def _generate_chunk(self, prompts, indices, params: SamplingParams):
+        texts = [chat_prompt_text(self.processor, p) for p in prompts]
+        images = [load_image(ref, self.min_pixels, self.max_pixels) for p in prompts for ref in p.images]
+        self.tokenizer.padding_side = "left"
+        inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        greedy = params.temperature == 0
+        out = self.model.generate(
+            **inputs,
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p,
+            top_k=None,
+            num_return_sequences=params.n,
+            max_new_tokens=params.max_new_tokens,
+            eos_token_id=self.end_ids,
+            pad_token_id=self.tokenizer.pad_token_id,
+            suppress_tokens=self.suppress_ids,
+            stop_strings=params.stop or None,
+            tokenizer=self.tokenizer if params.stop else None,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        prompt_len = inputs["input_ids"].shape[1]
+        new_tokens = out.sequences[:, prompt_len:]
+        # log-probs of the sampled tokens under the raw distribution at the sampling temperature
+        logits = torch.stack(out.logits, dim=1).float()
+        if not greedy:
+            logits = logits / params.temperature
+        token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[..., None])[..., 0]
+        for row in range(new_tokens.shape[0]):
+            p = row // params.n
+            ids = new_tokens[row].tolist()
+            n_valid, finish = len(ids), "length"
+            for j, t in enumerate(ids):
+                if t in self.end_ids:
+                    n_valid, finish = j + 1, "stop"
+                    break
+            text = self.tokenizer.decode(ids[:n_valid], skip_special_tokens=True)
+            if finish == "length" and params.stop and any(text.endswith(s) for s in params.stop):
+                finish = "stop"
+            # generate pads finished rows: trailing pads are not part of the completion
+            prompt_ids = inputs["input_ids"][p][inputs["attention_mask"][p].bool()].tolist()
+            yield indices[p], Completion(indices[p], prompt_ids, ids[:n_valid], text, finish,
+                                         token_logprobs[row, :n_valid].tolist())
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        state = dict(named_tensors)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected or (missing and len(missing) == len(self.model.state_dict())):
+            raise KeyError(f"weights do not match the rollout model: unexpected {unexpected[:5]}, "
+                           f"missing {missing[:5]}")
