@@ -255,8 +255,8 @@ class Collator:
         self.always_run_vision = always_run_vision
 
     def _process_images(self, images):
-        out = self.processor.image_processor(images=images, return_tensors="pt", min_pixels=self.min_pixels,
-                                             max_pixels=self.max_pixels)
+        # images are already resized by qwen-vl-utils within the processor's pixel bounds: no resize here
+        out = self.processor.image_processor(images=images, return_tensors="pt")
         return out["pixel_values"], out["image_grid_thw"]
 
     def dummy_sample(self) -> tuple[TokenizedSample, object]:

@@ -1,0 +1,67 @@
+"""Shared fixtures: one tiny Qwen2.5-VL per session, small data sets written on the fly."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    from ovr_hpc.models.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0))
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_model_dir):
+    from ovr_hpc.models.loading import load_processor
+
+    return load_processor(tiny_model_dir, 3136, 50176)
+
+
+def write_png(path, size=(56, 56), color=(200, 30, 30)):
+    from PIL import Image
+
+    Image.new("RGB", size, color).save(path)
+    return str(path)
+
+
+def write_jsonl(path, records) -> str:
+    with open(path, "w") as f:
+        for r in records:
+            f.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def arithmetic_file(tmp_path) -> str:
+    from ovr_hpc.data.synthetic import write_arithmetic_sft
+
+    return write_arithmetic_sft(str(tmp_path / "arith.jsonl"), 64, seed=0)
+
+
+@pytest.fixture
+def image_records_file(tmp_path) -> str:
+    """Text-only and image records mixed (different sizes, placeholder and no-placeholder forms)."""
+    write_png(tmp_path / "red.png", (56, 56))
+    write_png(tmp_path / "wide.png", (112, 56), (0, 90, 200))
+    records = []
+    for i in range(12):
+        if i % 3 == 0:
+            records.append({"messages": [{"role": "user", "content": f"What is {i} + 1?"},
+                                         {"role": "assistant", "content": f"<think>{i}+1</think> \\boxed{{{i + 1}}}"}]})
+        elif i % 3 == 1:
+            records.append({"images": ["red.png"], "messages": [
+                {"role": "user", "content": "<image>What color is this?"},
+                {"role": "assistant", "content": "<think>look</think> \\boxed{red}"}]})
+        else:
+            records.append({"images": ["wide.png", "red.png"], "messages": [
+                {"role": "user", "content": "Compare the two pictures."},
+                {"role": "assistant", "content": "<think>two</think> \\boxed{blue, red}"}]})
+    return write_jsonl(tmp_path / "mixed.jsonl", records)
