@@ -294,10 +294,15 @@ def _logits_fp32(hidden_rows, weight, inv_temp):
     if hidden_rows.dtype in (torch.float32, torch.float64):
         z = hidden_rows @ weight.T
         z = z.float() if z.dtype != torch.float32 else z
-    elif hidden_rows.is_cuda:
-        z = torch.mm(hidden_rows, weight.T, out_dtype=torch.float32)   # fp32 out of the GEMM
     else:
-        z = (hidden_rows @ weight.T).float()
+        z = None
+        if hidden_rows.is_cuda:
+            try:   # fp32 straight out of the GEMM: no bf16 rounding of the logits
+                z = torch.mm(hidden_rows, weight.T, out_dtype=torch.float32)
+            except (TypeError, RuntimeError):
+                pass
+        if z is None:
+            z = (hidden_rows @ weight.T).float()
     if inv_temp != 1.0:
         z.mul_(inv_temp)
     return z
