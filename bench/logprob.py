@@ -45,12 +45,14 @@ def _naive_loss(h, w, t):
     return -logprobs_reference(h, w, t)[0].mean()
 
 
+_compiled_naive = torch.compile(_naive_loss)   # one compilation per new shape, reused across cases
+
+
 def build_method(name, h, w, t):
     if name == "naive":
         return lambda: _naive_loss(h, w, t)
     if name == "compile":
-        fn = torch.compile(_naive_loss, dynamic=False)
-        return lambda: fn(h, w, t)
+        return lambda: _compiled_naive(h, w, t)
     if name.startswith("ours-torch"):
         return lambda: -fused_logprobs(h, w, t, backend="torch")[0].mean()
     if name.startswith("ours-triton"):
@@ -223,6 +225,8 @@ def run_gpu(args):
         for method in methods:
             if method == "compile" and args.no_compile:
                 continue
+            if method == "ours-torch" and case["T"] > 8192 and not args.methods:
+                continue      # the GPU fallback: measured at the smallest case only (it is slow)
             results[method] = gpu_method(method, case, args.reps)
             print("   ", json.dumps(results[method]), flush=True)
         results["bare-3-gemms"] = dict(method="bare-3-gemms", time_s=bare_matmuls(case, args.reps),
@@ -236,11 +240,11 @@ def tune(args):
     case = GPU_CASES[0]
     h, w, t = make_inputs(case["T"], case["H"], case["V"], case["dtype"], "cuda")
     configs = [
-        dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=32, num_warps=8, num_stages=3),
-        dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=32, num_warps=8, num_stages=4),
-        dict(BLOCK_T=256, BLOCK_V=128, BLOCK_K=64, GROUP_T=16, num_warps=8, num_stages=3),
-        dict(BLOCK_T=128, BLOCK_V=128, BLOCK_K=64, GROUP_T=32, num_warps=4, num_stages=4),
         dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=8, num_warps=8, num_stages=3),
+        dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=4, num_warps=8, num_stages=3),
+        dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=16, num_warps=8, num_stages=3),
+        dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=8, num_warps=8, num_stages=4),
+        dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=8, num_warps=8, num_stages=3),  # repeat: noise
     ]
     gemm = cuda_time(lambda: torch.mm(h.detach(), w.detach().T), 5)
     print(f"tune: one [T,H]x[H,V] cuBLAS GEMM {gemm * 1e3:.2f} ms")

@@ -47,9 +47,12 @@ import torch.distributed as dist
 __all__ = ["fused_logprobs", "logprobs_reference", "merge_partials"]
 
 # Torch backend: bytes of one fp32 [rows, V] chunk of logits. The backward holds two such buffers
-# (probabilities and the logit gradient), the forward one or two. 32 MiB keeps a chunk near the
-# CPU's caches while its [rows, H] x [H, V] product stays large enough to run at full speed.
+# (probabilities and the logit gradient), the forward one or two. On the CPU 32 MiB keeps a chunk
+# near the caches while its [rows, H] x [H, V] product still runs at full speed. On a GPU (this
+# backend is the fallback there) each chunk also re-reads and re-writes the fp32 [V, H] weight-
+# gradient accumulator, so chunks must be large: 512 MiB is ~880 rows at V=152064.
 TORCH_CHUNK_BYTES = int(os.environ.get("OVR_LOGPROB_TORCH_CHUNK_BYTES", 32 * 2**20))
+TORCH_CHUNK_BYTES_CUDA = int(os.environ.get("OVR_LOGPROB_TORCH_CHUNK_BYTES_CUDA", 512 * 2**20))
 
 _BACKENDS = ("auto", "torch", "triton")
 
@@ -286,8 +289,9 @@ class _FusedLogprobs(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Torch backend: row chunks of [rows, V] fp32 logits, the same maths as the Triton kernels
 # ----------------------------------------------------------------------------------------------
-def _chunk_rows(num_rows, vocab):
-    return max(1, min(num_rows, TORCH_CHUNK_BYTES // (4 * vocab)))
+def _chunk_rows(num_rows, vocab, device):
+    budget = TORCH_CHUNK_BYTES_CUDA if device.type == "cuda" else TORCH_CHUNK_BYTES
+    return max(1, min(num_rows, budget // (4 * vocab)))
 
 
 def _logits_fp32(hidden_rows, weight, inv_temp):
@@ -321,7 +325,7 @@ class _TorchBackend:
         m, s, zt = (torch.empty(num_rows, dtype=torch.float32, device=hidden.device) for _ in range(3))
         a = torch.empty_like(m) if with_entropy else None
         in_shard, cols = _local_target_mask(local_targets, vocab)
-        step = _chunk_rows(num_rows, vocab)
+        step = _chunk_rows(num_rows, vocab, hidden.device)
         with torch.no_grad():
             for r0 in range(0, num_rows, step):
                 r1 = min(r0 + step, num_rows)
@@ -350,7 +354,7 @@ class _TorchBackend:
         # fp32 accumulation over row chunks; for fp32 inputs the returned gradient is the accumulator.
         grad_weight_acc = (torch.zeros(weight.shape, dtype=torch.float32 if dtype != torch.float64
                                        else dtype, device=weight.device) if need_weight else None)
-        step = _chunk_rows(num_rows, vocab)
+        step = _chunk_rows(num_rows, vocab, hidden.device)
         with torch.no_grad():
             for r0 in range(0, num_rows, step):
                 r1 = min(r0 + step, num_rows)

@@ -52,8 +52,8 @@ DZ_CHUNK_COLS = int(os.environ.get("OVR_LOGPROB_DZ_CHUNK_COLS", 8192))
 # Tile shapes. GPU: a 128x256 fp32 accumulator over 8 warps, 64-wide K steps, 3-stage pipeline
 # (48 KB of shared memory per stage in bf16). fp32 inputs halve the K step to fit shared memory.
 # GROUP_T row blocks are scheduled together so the weight tiles they share stay in L2.
-GPU_CONFIG = dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=32, num_warps=8, num_stages=3)
-GPU_CONFIG_FP32 = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_K=32, GROUP_T=32, num_warps=8, num_stages=3)
+GPU_CONFIG = dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=8, num_warps=8, num_stages=3)
+GPU_CONFIG_FP32 = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_K=32, GROUP_T=8, num_warps=8, num_stages=3)
 # The interpreter runs each program in numpy: few, large-ish programs are fastest.
 INTERPRET_CONFIG = dict(BLOCK_T=32, BLOCK_V=64, BLOCK_K=32, GROUP_T=4, num_warps=4, num_stages=1)
 
@@ -100,19 +100,19 @@ def _num_programs_target(device):
 
 
 def _num_splits(t_blocks, v_blocks, sms):
-    """Vocabulary splits per row block: enough programs for >= 4 waves, waves as whole as possible.
+    """Vocabulary splits per row block: enough programs for >= 4 waves, little waste.
 
-    Programs are near-equal in length (blocks_per_split tiles each), so the last wave's idle SMs
-    are the loss; score each candidate by the fraction of the final wave that is used.
+    All programs walk the same number of tiles (per_split, padding included), so the waste is the
+    idle part of the last wave plus the padding tiles; score = useful tiles / tile slots paid for.
     """
     best, best_score = 1, -1.0
     for n in range(1, min(v_blocks, 256) + 1):
         per_split = _cdiv(v_blocks, n)
         n_eff = _cdiv(v_blocks, per_split)
-        waves = t_blocks * n_eff / sms
-        if waves < 4 and n < min(v_blocks, 256):
+        programs = t_blocks * n_eff
+        if programs < 4 * sms and n < min(v_blocks, 256):
             continue
-        score = waves / _cdiv(t_blocks * n_eff, sms) if waves >= 1 else waves
+        score = t_blocks * v_blocks / (_cdiv(programs, sms) * sms * per_split)
         if score > best_score + 1e-9:
             best, best_score = n_eff, score
         if score > 0.97:
@@ -185,16 +185,17 @@ def _forward_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
     s = tl.zeros((BLOCK_T,), dtype=tl.float32)
     a = tl.zeros((BLOCK_T,), dtype=tl.float32)
     zt = tl.zeros((BLOCK_T,), dtype=tl.float32)
-    v_first = pid_s * blocks_per_split * BLOCK_V
-    v_last = tl.minimum(V, v_first + blocks_per_split * BLOCK_V)
-    for v0 in range(v_first, v_last, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
+    # Every split walks blocks_per_split tiles (a plain scalar loop bound); the last split's tiles
+    # past V are all padding, which the -1e30 fill below turns into no-ops.
+    for i in range(0, blocks_per_split):
+        cols = (pid_s * blocks_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V)
         col_ok = cols < V
         z = _logit_tile(h_ptr, w_ptr, rows64, tl.minimum(cols, V - 1).to(tl.int64), H,
                         stride_ht, stride_hk, stride_wv, stride_wk, inv_temp,
                         BLOCK_T, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION)
-        # Columns past V get a finite -1e30 (each tile has >= 1 valid column, so the max is a real
-        # logit): exp gives exactly 0 and e * d stays 0, where -inf would make 0 * -inf = nan.
+        # Columns past V get a finite -1e30: exp gives exactly 0 and e * d stays 0 (-inf would make
+        # 0 * -inf = nan), and a tile of padding only leaves m, s, a, zt as they were. Every split
+        # has at least one real tile, so m ends as a real logit.
         z = tl.where(col_ok[None, :], z, -1.0e30)
         m_new = tl.maximum(m, tl.max(z, 1))
         alpha = tl.exp(m - m_new)
