@@ -219,6 +219,31 @@ class ColdStartConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate(f.name)
+        validate_tp_against_model(self.model.path, self.parallel.autotp_size, "parallel.autotp_size")
+
+
+def model_text_config(path: str) -> dict | None:
+    """The language model's config.json entries, when `path` is a local model directory (else None)."""
+    import json
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return {**config, **config.get("text_config", {})}
+
+
+def validate_tp_against_model(path: str, tp: int, key: str) -> None:
+    text = model_text_config(path)
+    if tp <= 1 or text is None:
+        return
+    for name in ("num_attention_heads", "num_key_value_heads"):
+        if name in text and text[name] % tp:
+            raise ConfigError(
+                f"{key} ({tp}) must divide the model's {name} ({text[name]}, {path}/config.json): "
+                "each tensor-parallel rank holds whole heads"
+            )
 
 
 STAGES: dict[str, type] = {"coldstart": ColdStartConfig}

@@ -19,6 +19,14 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_dir_2kv(tmp_path_factory) -> str:
+    """Two KV heads, so tensor parallelism of 2 splits whole heads."""
+    from ovr_hpc.models.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny2kv") / "model", seed=0, num_kv_heads=2))
+
+
+@pytest.fixture(scope="session")
 def processor(tiny_model_dir):
     from ovr_hpc.models.loading import load_processor
 

@@ -78,3 +78,9 @@ def test_check_cli_rejects_fast():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "config error: parallel.zero_stage (7) must be 1, 2 or 3" in proc.stderr
+
+
+def test_tensor_parallel_must_split_whole_heads(tiny_model_dir):
+    with pytest.raises(ConfigError, match=r"parallel.autotp_size \(2\) must divide the model's num_key_value_heads \(1"):
+        load_config("coldstart", None, [f"model.path={tiny_model_dir}", "data.train_files=[d.jsonl]",
+                                        "checkpoint.output_dir=o", "parallel.autotp_size=2", "parallel.zero_stage=2"])

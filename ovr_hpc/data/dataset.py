@@ -234,6 +234,10 @@ class MicroBatch:
     num_tokens: int
     sample_ids: list[int]
 
+    def model_inputs(self) -> dict:
+        return {"input_ids": self.input_ids, "position_ids": self.position_ids, "targets": self.targets,
+                "pixel_values": self.pixel_values, "image_grid_thw": self.image_grid_thw}
+
     def to(self, device) -> "MicroBatch":
         move = lambda t: t.to(device) if t is not None else None  # noqa: E731
         return MicroBatch(move(self.input_ids), move(self.position_ids), move(self.targets), move(self.pixel_values),

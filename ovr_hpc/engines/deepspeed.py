@@ -90,8 +90,9 @@ class DeepSpeedEngine:
         # DeepSpeed's AutoTP groups are consecutive ranks: [0..tp-1], [tp..2tp-1], ...
         self.dp_size = world_size // self.tp_size
         self.dp_rank = rank // self.tp_size
-        if self.tp_group is not None:
-            module.tp_group = self.tp_group  # the vocab-sharded LM head needs the TP reductions
+        rows, vocab = module.model.lm_head.weight.shape[0], module.model.config.get_text_config().vocab_size
+        if self.tp_group is not None and rows < vocab:
+            module.tp_group = self.tp_group  # AutoTP split the LM head over the vocabulary: reduce across TP
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)

@@ -65,7 +65,7 @@ def lm_head(model: nn.Module) -> nn.Module:
     return model.lm_head
 
 
-def last_hidden_states(model: nn.Module, batch) -> torch.Tensor:
+def last_hidden_states(model: nn.Module, input_ids, position_ids, pixel_values=None, image_grid_thw=None):
     """[T, H] hidden states of a packed row, without the [T, V] logits.
 
     Positions are passed explicitly with a leading text-position row ([4, 1, T]) and no attention
@@ -73,17 +73,19 @@ def last_hidden_states(model: nn.Module, batch) -> torch.Tensor:
     mask on sdpa/eager, varlen flash-attention on GPUs).
     """
     out = model.model(
-        input_ids=batch.input_ids,
-        position_ids=batch.position_ids,
-        pixel_values=batch.pixel_values,
-        image_grid_thw=batch.image_grid_thw,
-        use_cache=False,
+        input_ids=input_ids,
+        position_ids=position_ids,
+        pixel_values=pixel_values,
+        image_grid_thw=image_grid_thw,
+        use_cache=False,  # a cache object turns off transformers' packed-sample detection
     )
     return out.last_hidden_state[0]
 
 
 class TokenLogprobs(nn.Module):
-    """Wraps the VLM: forward(batch) -> fp32 log p(target) per position (and entropy), via the fused kernel.
+    """Wraps the VLM: forward(**batch.model_inputs()) -> fp32 log p(target) per position (and entropy),
+    via the fused kernel. Plain tensor arguments: engines may inspect them (AutoTP checks that a
+    tensor-parallel group got identical inputs).
 
     The LM head's weight is read directly (no logits tensor); engines that partition parameters
     (ZeRO-3) must register it as an external parameter of this module.
@@ -94,9 +96,10 @@ class TokenLogprobs(nn.Module):
         self.model = model
         self.tp_group = tp_group
 
-    def forward(self, batch, temperature: float = 1.0, return_entropy: bool = False):
+    def forward(self, input_ids, position_ids, targets, pixel_values=None, image_grid_thw=None,
+                temperature: float = 1.0, return_entropy: bool = False):
         from ovr_hpc.kernels import fused_logprobs
 
-        hidden = last_hidden_states(self.model, batch)
-        return fused_logprobs(hidden, lm_head(self.model).weight, batch.targets, temperature=temperature,
+        hidden = last_hidden_states(self.model, input_ids, position_ids, pixel_values, image_grid_thw)
+        return fused_logprobs(hidden, lm_head(self.model).weight, targets, temperature=temperature,
                               return_entropy=return_entropy, tp_group=self.tp_group)

@@ -95,7 +95,7 @@ def train(cfg: ColdStartConfig) -> dict:
         global_loss_tokens, global_real = (x / engine.tp_size for x in dist.all_reduce_sum([local_tokens, local_real]))
         loss_sum = 0.0
         for mb in micro_batches:
-            logprobs, _ = engine.module(mb.to(device))
+            logprobs, _ = engine.module(**mb.to(device).model_inputs())
             token_loss_sum = -logprobs.sum()
             engine.backward(token_loss_sum * engine.loss_scale_for_mean() / global_loss_tokens)
             engine.step()

@@ -92,10 +92,10 @@ def test_packed_row_equals_samples_one_by_one(tiny_model_dir, processor, image_r
     collator = Collator(processor, 3136, 50176, always_run_vision=always_run_vision)
     with torch.no_grad():
         for row in rows:
-            packed, _ = model(collator([ds.sample(i) for i in row]))
+            packed, _ = model(**collator([ds.sample(i) for i in row]).model_inputs())
             offset = 0
             for i in row:
-                alone, _ = model(collator([ds.sample(i)]))
+                alone, _ = model(**collator([ds.sample(i)]).model_inputs())
                 n = len(ds.sample(i).input_ids)
                 torch.testing.assert_close(packed[offset : offset + n], alone[:n], atol=2e-5, rtol=0)
                 offset += n
