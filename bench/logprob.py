@@ -45,6 +45,7 @@ def _naive_loss(h, w, t):
     return -logprobs_reference(h, w, t)[0].mean()
 
 
+_DEFAULT_CHUNK = int(os.environ.get("OVR_LOGPROB_DZ_CHUNK_COLS", 4096))
 _compiled_naive = torch.compile(_naive_loss)   # one compilation per new shape, reused across cases
 
 
@@ -57,8 +58,9 @@ def build_method(name, h, w, t):
         return lambda: -fused_logprobs(h, w, t, backend="torch")[0].mean()
     if name.startswith("ours-triton"):
         from ovr_hpc.kernels import logprob_triton
-        if "-c" in name:                                   # e.g. ours-triton-c4096
-            logprob_triton.DZ_CHUNK_COLS = int(name.split("-c")[1].split("+")[0])
+        # e.g. ours-triton-c8192: that many backward chunk columns; otherwise the module's default
+        chunk = int(name.split("-c")[1].split("+")[0]) if "-c" in name else _DEFAULT_CHUNK
+        logprob_triton.DZ_CHUNK_COLS = chunk
         ent = name.endswith("+entropy")
 
         def run():
@@ -215,7 +217,7 @@ def gpu_method(method, case, reps):
 
 
 def run_gpu(args):
-    methods = args.methods or ["naive", "compile", "ours-torch", "ours-triton", "ours-triton-c4096",
+    methods = args.methods or ["naive", "compile", "ours-torch", "ours-triton", "ours-triton-c8192",
                                "ours-triton+entropy", "liger", "cce"]
     name = torch.cuda.get_device_name()
     for case in GPU_CASES:

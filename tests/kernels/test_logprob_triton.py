@@ -14,7 +14,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_triton_kernels_under_interpreter():
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < (3, 7):
+        # Seen with triton 3.6 + numpy 2.5: its interpreter passes scalar kernel arguments as
+        # 1-element arrays, and range() over one fails ("only 0-dimensional arrays can be
+        # converted to Python scalars"). The compiled kernels are unaffected.
+        pytest.skip("the triton < 3.7 interpreter cannot loop over a runtime bound")
     # Small backward chunks so several chunks (and a partial last one) are exercised.
     env = dict(os.environ, TRITON_INTERPRET="1", OVR_LOGPROB_DZ_CHUNK_COLS="128")
     proc = subprocess.run([sys.executable, "-m", "tests.kernels._triton_interpret_check"],
