@@ -83,8 +83,11 @@ class OptimizerConfig:
     lr: float = 1e-5
     """Peak learning rate (AdamW)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
     weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
 
@@ -206,6 +209,7 @@ class ColdStartConfig:
     """Stage 1: supervised fine-tuning of the language model on long chain-of-thought data."""
 
     seed: int = 0
+    """Seeds the data order and every RNG (saved and restored with each checkpoint)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

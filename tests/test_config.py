@@ -84,3 +84,16 @@ def test_tensor_parallel_must_split_whole_heads(tiny_model_dir):
     with pytest.raises(ConfigError, match=r"parallel.autotp_size \(2\) must divide the model's num_key_value_heads \(1"):
         load_config("coldstart", None, [f"model.path={tiny_model_dir}", "data.train_files=[d.jsonl]",
                                         "checkpoint.output_dir=o", "parallel.autotp_size=2", "parallel.zero_stage=2"])
+
+
+def test_readme_documents_every_key():
+    import dataclasses
+
+    readme = open(os.path.join(REPO, "README.md")).read()
+    cfg = ColdStartConfig()
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        keys = [f.name] if not dataclasses.is_dataclass(section) else [
+            f"{f.name}.{g.name}" for g in dataclasses.fields(section)]
+        for key in keys:
+            assert f"`{key}`" in readme, f"README.md does not document {key}"

@@ -1,0 +1,50 @@
+# make demo: create .venv if missing, install the package, run the tiny two-stage pipeline.
+# make test: install the test extras into the same .venv, start the local Slurm cluster (root + apt),
+#            run the whole test suite (slow, multi-process and Slurm tests included).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# torch and torchvision must be a matching pair (qwen-vl-utils imports torchvision); CPU machines here
+# carry these two wheels locally. On a GPU cluster: make TORCH="torch==2.11.* torchvision==0.26.*" ...
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+# DeepSpeed builds its ops just in time: nothing to compile at install
+export DS_BUILD_OPS := 0
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: demo test install install-test slurm-up slurm-down bench clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet $(TORCH) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install --quiet -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/ovr-hpc demo --out runs/demo
+
+# The Slurm tests need a cluster: start the local one where this machine can (root and apt-get);
+# elsewhere tests/cluster/ skips with the reason.
+slurm-up:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		bash scripts/local-slurm/start.sh; \
+	else echo "not root or no apt-get: the Slurm tests will be skipped"; fi
+
+slurm-down:
+	bash scripts/local-slurm/stop.sh
+
+test: $(VENV)/.installed-test slurm-up
+	$(PY) -m pytest -ra --durations=15
+
+bench: $(VENV)/.installed
+	$(PY) bench/packing.py
+	$(PY) bench/logprob.py
+
+clean:
+	rm -rf runs/demo .pytest_cache
