@@ -39,7 +39,7 @@ def run_stage(stage: str, config_path: str, overrides: list[str]) -> int:
 def _check(args) -> int:
     config = load_config(args.stage, args.config, args.overrides)
     if args.world_size:
-        config.parallel.validate_world(args.world_size)
+        config.validate_world(args.world_size)
     if not args.quiet:
         print(dump_config(config), end="")
     return 0

@@ -16,6 +16,11 @@ from typing import Any, Literal, Optional
 import yaml
 
 
+DEFAULT_INSTRUCTION = (
+    "Think it through step by step inside <think> </think>, then give the final answer in \\boxed{}."
+)
+
+
 class ConfigError(ValueError):
     """A config that cannot run. The message names the key and says what is expected."""
 
@@ -65,17 +70,8 @@ class DataConfig:
     """Where tokenized data is cached (default OUTPUT_DIR/data_cache); shared by requeued runs."""
 
     def validate(self, prefix: str) -> None:
-        if not self.train_files:
-            raise ConfigError(f"{prefix}.train_files is empty: give at least one JSONL or Parquet file")
-        for i, path in enumerate(self.train_files):
-            if not path.endswith((".jsonl", ".json", ".parquet")):
-                raise ConfigError(f"{prefix}.train_files[{i}] = {path!r}: expected a .jsonl or .parquet file")
+        _validate_data_files(prefix, self)
         _positive(prefix, "max_seq_len", self.max_seq_len)
-        _positive(prefix, "min_pixels", self.min_pixels)
-        if self.max_pixels < self.min_pixels:
-            raise ConfigError(f"{prefix}.max_pixels ({self.max_pixels}) must be >= min_pixels ({self.min_pixels})")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ConfigError(f"{prefix}.max_bad_fraction ({self.max_bad_fraction}) must be in [0, 1]")
 
 
 @dataclass
@@ -140,16 +136,9 @@ class ParallelConfig:
     """Keep optimizer states in CPU memory (ZeRO offload)."""
 
     def validate(self, prefix: str) -> None:
-        if self.zero_stage not in (1, 2, 3):
-            raise ConfigError(f"{prefix}.zero_stage ({self.zero_stage}) must be 1, 2 or 3")
-        _positive(prefix, "autotp_size", self.autotp_size)
+        _validate_engine(prefix, self)
         _positive(prefix, "global_batch_size", self.global_batch_size)
         _positive(prefix, "micro_batch_size", self.micro_batch_size)
-        if self.autotp_size > 1 and self.zero_stage > 2:
-            raise ConfigError(
-                f"{prefix}.autotp_size ({self.autotp_size}) needs {prefix}.zero_stage <= 2 "
-                f"(DeepSpeed AutoTP does not combine with ZeRO-3); set {prefix}.zero_stage=2"
-            )
 
     def validate_world(self, world_size: int, prefix: str = "parallel") -> None:
         """Checks that need the number of ranks (known at submit time from nodes x gpus)."""
@@ -219,11 +208,43 @@ class ColdStartConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            section = getattr(self, f.name)
-            if dataclasses.is_dataclass(section):
-                section.validate(f.name)
-        validate_tp_against_model(self.model.path, self.parallel.autotp_size, "parallel.autotp_size")
+        _validate_sections(self)
+
+    def validate_world(self, world_size: int) -> None:
+        self.parallel.validate_world(world_size)
+
+
+def _validate_sections(config) -> None:
+    """Every section's own checks, then the tensor-parallel size against the model's heads."""
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        if dataclasses.is_dataclass(section):
+            section.validate(f.name)
+    validate_tp_against_model(config.model.path, config.parallel.autotp_size, "parallel.autotp_size")
+
+
+def _validate_data_files(prefix: str, data) -> None:
+    if not data.train_files:
+        raise ConfigError(f"{prefix}.train_files is empty: give at least one JSONL or Parquet file")
+    for i, path in enumerate(data.train_files):
+        if not path.endswith((".jsonl", ".json", ".parquet")):
+            raise ConfigError(f"{prefix}.train_files[{i}] = {path!r}: expected a .jsonl or .parquet file")
+    _positive(prefix, "min_pixels", data.min_pixels)
+    if data.max_pixels < data.min_pixels:
+        raise ConfigError(f"{prefix}.max_pixels ({data.max_pixels}) must be >= min_pixels ({data.min_pixels})")
+    if not 0.0 <= data.max_bad_fraction <= 1.0:
+        raise ConfigError(f"{prefix}.max_bad_fraction ({data.max_bad_fraction}) must be in [0, 1]")
+
+
+def _validate_engine(prefix: str, parallel) -> None:
+    if parallel.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"{prefix}.zero_stage ({parallel.zero_stage}) must be 1, 2 or 3")
+    _positive(prefix, "autotp_size", parallel.autotp_size)
+    if parallel.autotp_size > 1 and parallel.zero_stage > 2:
+        raise ConfigError(
+            f"{prefix}.autotp_size ({parallel.autotp_size}) needs {prefix}.zero_stage <= 2 "
+            f"(DeepSpeed AutoTP does not combine with ZeRO-3); set {prefix}.zero_stage=2"
+        )
 
 
 def model_text_config(path: str) -> dict | None:
@@ -250,7 +271,195 @@ def validate_tp_against_model(path: str, tp: int, key: str) -> None:
             )
 
 
-STAGES: dict[str, type] = {"coldstart": ColdStartConfig}
+# ----------------------------------------------------------------------------- RL stage
+
+
+@dataclass
+class RLDataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """RL records (JSONL/Parquet): problem, answer, optional images, id, source, answer_type."""
+    prompt_template: Literal["chat", "orz"] = "chat"
+    """chat = the model's chat template, user turn = problem + instruction; orz = ORZ's plain-text template."""
+    instruction: str = DEFAULT_INSTRUCTION
+    """Appended to each problem in the chat template (empty = the problem alone)."""
+    system_prompt: Optional[str] = None
+    """System message for the chat template; None keeps the template's default."""
+    min_pixels: int = 3136
+    """Images are resized (qwen-vl-utils) to at least this many pixels..."""
+    max_pixels: int = 1003520
+    """...and at most this many, exactly as in the cold start and in evaluation."""
+    max_prompt_len: int = 4096
+    """Prompts longer than this (in tokens, images included) are reported and skipped."""
+    max_bad_fraction: float = 0.01
+    """Fail before training if more than this share of records is malformed (each is reported)."""
+    shuffle: bool = True
+    """Shuffle the prompts each epoch (deterministically from the seed)."""
+
+    def validate(self, prefix: str) -> None:
+        _validate_data_files(prefix, self)
+        _positive(prefix, "max_prompt_len", self.max_prompt_len)
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"
+    """hf = transformers generate (CPU, tests, demo); vllm = colocated vLLM engines (GPUs)."""
+    prompts_per_step: int = 512
+    """Prompts per RL iteration over all ranks (paper: 512)."""
+    samples_per_prompt: int = 16
+    """Responses sampled per prompt (paper: 16)."""
+    temperature: float = 1.0
+    """Sampling temperature (paper: 1.0); the policy loss uses the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling (paper: 1.0)."""
+    max_response_len: list[list[int]] = field(default_factory=lambda: [[0, 24576], [300, 32768], [700, 49152]])
+    """Length curriculum: [[from_step, max_new_tokens], ...] (paper: 24k, 32k from 300, 48k from 700)."""
+    stop: list[str] = field(default_factory=list)
+    """Extra stop strings (the end-of-turn token always stops)."""
+    batch_size: int = 64
+    """Prompts per generate call of the hf engine."""
+    tensor_parallel_size: int = 1
+    """vllm: tensor-parallel size of each rollout engine (a sub-group of the ranks)."""
+    gpu_memory_utilization: float = 0.5
+    """vllm: share of GPU memory for its weights + KV cache while generating."""
+    max_num_batched_tokens: int = 32768
+    """vllm: scheduler token budget per iteration."""
+    enable_sleep_mode: bool = True
+    """vllm: free weights and KV cache while the trainer runs (CUDA only)."""
+
+    def validate(self, prefix: str) -> None:
+        for name in ("prompts_per_step", "samples_per_prompt", "batch_size", "tensor_parallel_size",
+                     "max_num_batched_tokens"):
+            _positive(prefix, name, getattr(self, name))
+        if self.temperature <= 0:
+            raise ConfigError(f"{prefix}.temperature ({self.temperature}) must be > 0 for RL sampling")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{prefix}.top_p ({self.top_p}) must be in (0, 1]")
+        steps = [p[0] if len(p) == 2 else None for p in self.max_response_len]
+        if not self.max_response_len or None in steps or steps[0] != 0 or steps != sorted(steps):
+            raise ConfigError(
+                f"{prefix}.max_response_len ({self.max_response_len}) must be [[0, len], [step, len], ...] "
+                "with increasing steps starting at 0"
+            )
+        if any(p[1] <= 0 for p in self.max_response_len):
+            raise ConfigError(f"{prefix}.max_response_len lengths must be > 0")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"{prefix}.gpu_memory_utilization ({self.gpu_memory_utilization}) must be in (0, 1]")
+
+    def response_len_at(self, step: int) -> int:
+        return [length for start, length in self.max_response_len if start <= step][-1]
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: Literal["gae", "grpo"] = "gae"
+    """gae = PPO with a critic (OVR); grpo = group-normalised rewards, no critic."""
+    gamma: float = 1.0
+    """GAE discount (paper: 1)."""
+    lam: float = 1.0
+    """GAE lambda (paper: 1)."""
+    normalize_advantages: bool = True
+    """Batch-level advantage whitening over all response tokens of the step (paper)."""
+    clip_eps: float = 0.2
+    """PPO ratio clip (ORZ default)."""
+    clip_eps_high: Optional[float] = None
+    """Upper clip if different ("clip-higher"); None = clip_eps."""
+    dual_clip: Optional[float] = None
+    """Dual-clip constant c > 1 for negative advantages; None = off."""
+    value_clip: Optional[float] = 0.2
+    """Value-loss clip around the rollout-time values; None = off."""
+    kl_coef: float = 0.0
+    """KL penalty to the initial policy (paper: none)."""
+    kl_kind: Literal["k1", "k3"] = "k3"
+    """KL estimator when kl_coef > 0."""
+    entropy_coef: float = 0.0
+    """Entropy bonus (paper: none)."""
+    policy_updates_per_step: int = 1
+    """Policy optimizer steps per iteration, each over the whole batch (paper: 1, strictly on-policy)."""
+    critic_updates_per_step: int = 4
+    """Critic optimizer steps per iteration (paper: 4)."""
+    max_tokens_per_microbatch: int = 16384
+    """Token budget of one packed forward/backward on a rank."""
+    reward_workers: int = 4
+    """Processes computing rewards next to each rank (0 = in process)."""
+    reward_timeout_s: float = 10.0
+    """A response whose check takes longer scores 0 (reason "timeout")."""
+
+    def validate(self, prefix: str) -> None:
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(f"{prefix}.{name} ({getattr(self, name)}) must be in [0, 1]")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ConfigError(f"{prefix}.dual_clip ({self.dual_clip}) must be > 1")
+        _positive(prefix, "policy_updates_per_step", self.policy_updates_per_step)
+        _positive(prefix, "max_tokens_per_microbatch", self.max_tokens_per_microbatch)
+        if self.advantage == "gae" and self.critic_updates_per_step <= 0:
+            raise ConfigError(f"{prefix}.critic_updates_per_step must be > 0 with advantage gae (the critic)")
+
+
+@dataclass
+class CriticConfig:
+    path: Optional[str] = None
+    """Model the critic starts from (default: model.path, i.e. the cold-start checkpoint)."""
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=5e-6))
+    """The critic's own AdamW (paper: lr 5e-6)."""
+
+    def validate(self, prefix: str) -> None:
+        self.optimizer.validate(f"{prefix}.optimizer")
+
+
+@dataclass
+class RLParallelConfig:
+    engine: Literal["deepspeed"] = "deepspeed"
+    """Training backend of the policy and the critic."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage: 1, 2 or 3 (AutoTP needs <= 2)."""
+    autotp_size: int = 1
+    """DeepSpeed AutoTP tensor-parallel size of the trainer."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (ZeRO offload)."""
+
+    def validate(self, prefix: str) -> None:
+        _validate_engine(prefix, self)
+
+
+@dataclass
+class RLConfig:
+    """Stage 2: multimodal RL, PPO + GAE with a separate critic and verifiable rewards."""
+
+    seed: int = 0
+    """Seeds sampling, the prompt order and every RNG (saved and restored with each checkpoint)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy (path = the cold-start model)."""
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    data: RLDataConfig = field(default_factory=RLDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optimizer: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-6))
+    """The policy's AdamW (paper: lr 1e-6, betas (0.9, 0.95), no weight decay)."""
+    schedule: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(kind="constant", warmup_steps=50))
+    """Steps = schedule.max_steps (or epochs over the prompts); paper: 50-step warm-up, then constant."""
+    parallel: RLParallelConfig = field(default_factory=RLParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        _validate_sections(self)
+
+    def validate_world(self, world_size: int) -> None:
+        if world_size % self.parallel.autotp_size:
+            raise ConfigError(
+                f"parallel.autotp_size ({self.parallel.autotp_size}) must divide the world size ({world_size})")
+        dp = world_size // self.parallel.autotp_size
+        if self.rollout.prompts_per_step % dp:
+            raise ConfigError(
+                f"rollout.prompts_per_step ({self.rollout.prompts_per_step}) must be divisible by the "
+                f"data-parallel size ({dp})")
+        if self.algorithm.advantage == "grpo" and self.rollout.samples_per_prompt < 2:
+            raise ConfigError("rollout.samples_per_prompt must be >= 2 for grpo (group baselines)")
+
+
+STAGES: dict[str, type] = {"coldstart": ColdStartConfig, "rl": RLConfig}
 
 
 def register_stage(name: str, config_cls: type) -> None:
