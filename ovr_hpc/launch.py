@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", default=None)
     p.add_argument("--time", default="24:00:00", help="minutes or a Slurm time (default 24:00:00)")
     p.add_argument("--cluster", choices=CLUSTERS, default="auto")
-    p.add_argument("--folder", default=None, help=f"submitit logs and pickles (default {DEFAULT_FOLDER})")
+    p.add_argument("--folder", default=None, help="submitit logs and pickles (default " + DEFAULT_FOLDER.replace("%", "%%") + ")")
     p.add_argument("--name", default=None, help="job name (default ovr-STAGE)")
     p.add_argument("--signal-delay-s", type=int, default=600, help="warning signal this long before the limit")
     p.add_argument("--max-requeues", type=int, default=20)

@@ -67,6 +67,14 @@ ovr_export_defaults() {
   export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 }
 
+# Rank 0 runs on the first node of the job; the port comes from the job id, so jobs sharing a node do not
+# collide (the same rule as ovr_hpc.dist.slurm_master_port). Ranks come from SLURM_* in each task.
+ovr_export_rendezvous() {
+  MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
+  MASTER_PORT=$((20000 + ${SLURM_JOB_ID%%_*} % 40000))
+  export MASTER_ADDR MASTER_PORT
+}
+
 ovr_usage() {
   echo "usage: sbatch [SBATCH_OPTIONS] slurm/$1.sh CONFIG [key=value ...]" >&2
   echo "       slurm/$1.sh [SBATCH_OPTIONS --] CONFIG [key=value ...]   (check, then submit)" >&2
@@ -114,10 +122,7 @@ ovr_job() {
   local restarts="${SLURM_RESTART_COUNT:-0}" max_requeues="${OVR_MAX_REQUEUES:-20}"
 
   ovr_export_defaults
-  # rendezvous: rank 0 runs on the first node; the port comes from the job id (ovr_hpc.dist.slurm_master_port)
-  MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
-  MASTER_PORT=$((20000 + SLURM_JOB_ID % 40000))
-  export MASTER_ADDR MASTER_PORT
+  ovr_export_rendezvous
 
   local commit dirty=""
   commit="$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)"
