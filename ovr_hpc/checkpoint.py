@@ -1,7 +1,8 @@
 """Atomic full-state checkpoints, the `latest` pointer, pruning, resume and Hugging Face export.
 
 Layout of OUTPUT_DIR/checkpoints/:
-    step_N/engine/...          engine state as trained (DeepSpeed: sharded model + optimizer + scheduler)
+    step_N/<name>/...          each engine's state as trained (DeepSpeed: sharded model + optimizer +
+                               scheduler); name = policy (cold start, RL) and critic (RL)
     step_N/rng_rank{R}.pt      RNG states of every rank (torch CPU/CUDA, python, numpy)
     step_N/train_state.json    step, data position, tokens seen, ... (whatever the loop needs to go on)
     step_N/config.yaml         the config the run was started with
@@ -90,9 +91,10 @@ def save_hf_model(state_dict: dict, model_path: str, out_dir: str) -> None:
         pass  # the base model has no generation_config.json
 
 
-def save_checkpoint(engine, output_dir: str, step: int, train_state: dict, config_yaml: str, model_path: str,
+def save_checkpoint(engines: dict, output_dir: str, step: int, train_state: dict, config_yaml: str, model_path: str,
                     keep_last: int, save_hf: bool) -> str:
-    """All ranks call. Returns the final step_N path."""
+    """All ranks call. `engines` maps names to engines; the HF weights are those of engines["policy"].
+    Returns the final step_N path."""
     root = checkpoints_dir(output_dir)
     final = os.path.join(root, f"step_{step}")
     tmp = os.path.join(root, f".tmp_step_{step}")
@@ -101,10 +103,11 @@ def save_checkpoint(engine, output_dir: str, step: int, train_state: dict, confi
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     dist.barrier()
-    engine.save(tmp, client_state={"train_state": train_state})
+    for name, engine in engines.items():
+        engine.save(os.path.join(tmp, name), client_state={"train_state": train_state})
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if save_hf:
-        state_dict = engine.full_state_dict()
+        state_dict = engines["policy"].full_state_dict()
         if rank == 0:
             save_hf_model(state_dict, model_path, os.path.join(tmp, "hf"))
         del state_dict
@@ -131,9 +134,12 @@ def save_checkpoint(engine, output_dir: str, step: int, train_state: dict, confi
     return final
 
 
-def load_checkpoint(engine, path: str) -> dict:
-    """All ranks call. Restores engine state and this rank's RNG; returns the train state."""
-    client_state = engine.load(path)
+def load_checkpoint(engines: dict, path: str) -> dict:
+    """All ranks call. Restores every engine's state and this rank's RNG; returns the train state."""
+    for name, engine in engines.items():
+        if not os.path.isdir(os.path.join(path, name)):
+            raise RuntimeError(f"{path} has no state for {name!r} (holds: {sorted(os.listdir(path))})")
+        client_state = engine.load(os.path.join(path, name))
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
     if not os.path.exists(rng_file):

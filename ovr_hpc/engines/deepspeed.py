@@ -1,14 +1,19 @@
 """DeepSpeed training engine: ZeRO-1/2/3 and AutoTP behind the small engine surface the loops use.
 
 Surface (the Megatron-core engine offers the same): `module` (call it to run a forward), `backward`,
-`step`, `lr`, `grad_norm`, `save`, `load`, `full_state_dict`, and the parallel layout (`dp_rank`,
-`dp_size`, `tp_group`).
+`step`, `lr`, `grad_norm`, `save`, `load`, `full_state_dict` (rank 0, for export), `iter_full_params`
+(every rank, streamed, for the rollout engine), and the parallel layout (`dp_rank`, `dp_size`,
+`tp_size`, `tp_group`).
+
+Two ways to accumulate gradients: `grad_accum_steps=N` lets DeepSpeed count N micro-batches per
+optimizer step (the cold start: a fixed number of rows per rank); `grad_accum_steps=None` leaves the
+boundary to the caller (`backward(loss, last=...)` then one `step()`), for RL's micro-batches cut by a
+token budget.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Callable
 
 import torch
@@ -62,23 +67,25 @@ def ds_config(parallel, optimizer, dtype: str, micro_batch_size: int, grad_accum
 
 class DeepSpeedEngine:
     def __init__(self, module: nn.Module, parallel, optimizer, dtype: str, world_size: int, total_steps: int,
-                 schedule, lr_scale: Callable[[int], float] | None = None):
+                 schedule, grad_accum_steps: int | None, external_params: tuple = ()):
         import deepspeed
         from deepspeed.utils import groups
 
         self.parallel = parallel
-        grad_accum = parallel.grad_accum_steps(world_size)
-        config = ds_config(parallel, optimizer, dtype, parallel.micro_batch_size, grad_accum)
+        self.manual_accumulation = grad_accum_steps is None
+        grad_accum = grad_accum_steps or 1
+        config = ds_config(parallel, optimizer, dtype, 1, grad_accum)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
             params, lr=optimizer.lr, betas=tuple(optimizer.betas), eps=optimizer.eps,
             weight_decay=optimizer.weight_decay, fused=torch.cuda.is_available() or None,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_scale or lr_lambda(schedule, total_steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, total_steps))
         if parallel.zero_stage == 3:
-            # the LM head's weight is read by the fused kernel, not through lm_head.forward: ZeRO-3
-            # must gather it whenever the wrapper runs
-            deepspeed.zero.register_external_parameter(module, module.model.lm_head.weight)
+            # parameters read directly (the LM head's weight, by the fused kernel) rather than through
+            # their module's forward: ZeRO-3 must gather them whenever the wrapper runs
+            for p in external_params:
+                deepspeed.zero.register_external_parameter(module, p)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=opt, lr_scheduler=scheduler, config=config
         )
@@ -90,15 +97,19 @@ class DeepSpeedEngine:
         # DeepSpeed's AutoTP groups are consecutive ranks: [0..tp-1], [tp..2tp-1], ...
         self.dp_size = world_size // self.tp_size
         self.dp_rank = rank // self.tp_size
-        rows, vocab = module.model.lm_head.weight.shape[0], module.model.config.get_text_config().vocab_size
-        if self.tp_group is not None and rows < vocab:
+        head = getattr(module.model, "lm_head", None)
+        vocab = module.model.config.get_text_config().vocab_size
+        if self.tp_group is not None and isinstance(head, nn.Module) and head.weight.shape[0] < vocab:
             module.tp_group = self.tp_group  # AutoTP split the LM head over the vocabulary: reduce across TP
 
-    def backward(self, loss: torch.Tensor) -> None:
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """With manual accumulation, `last` marks the micro-batch after which `step()` is called."""
+        if self.manual_accumulation:
+            self.engine.set_gradient_accumulation_boundary(last)
         self.engine.backward(loss)
 
     def step(self) -> None:
-        """Called after every micro-batch; DeepSpeed steps the optimizer at the accumulation boundary."""
+        """Managed: after every micro-batch (DeepSpeed steps at the boundary). Manual: once per update."""
         self.engine.step()
 
     def grad_norm(self) -> float:
@@ -109,8 +120,9 @@ class DeepSpeedEngine:
         return self.scheduler.get_last_lr()[0]
 
     def loss_scale_for_mean(self) -> float:
-        """DeepSpeed divides by the accumulation steps and averages over data-parallel ranks."""
-        return float(self.grad_accum * self.dp_size)
+        """Multiply a loss `sum / N_global` by this: DeepSpeed divides by its accumulation steps (managed
+        mode) and averages gradients over the data-parallel ranks."""
+        return float((1 if self.manual_accumulation else self.grad_accum) * self.dp_size)
 
     def save(self, directory: str, client_state: dict) -> None:
         """All ranks: model, optimizer and scheduler state (sharded as trained) into `directory`."""
@@ -134,8 +146,19 @@ class DeepSpeedEngine:
         return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
 
 
-def free_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if os.environ.get("OVR_DEBUG_MEMORY"):
-        print(torch.cuda.memory_summary() if torch.cuda.is_available() else "cpu")
+    def iter_full_params(self):
+        """Every rank: (HF name, full tensor) for each parameter, gathered one module at a time
+        (ZeRO-3 partitions and AutoTP shards), as a CPU-independent copy the consumer may keep."""
+        import deepspeed
+        from deepspeed.module_inject.layers import GatherReplacedLayerParams
+
+        zero3, tp = self.parallel.zero_stage == 3, self.tp_size > 1
+        for module_name, module in self.engine.module.named_modules():
+            params = list(module.parameters(recurse=False))
+            if not params:
+                continue
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+                with GatherReplacedLayerParams(params, module, enabled=tp):
+                    for name, p in module.named_parameters(recurse=False):
+                        full = f"{module_name}.{name}" if module_name else name
+                        yield full.removeprefix("model."), p.detach().clone()

@@ -58,7 +58,8 @@ def train(cfg: ColdStartConfig) -> dict:
     model = load_vlm(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.freeze_vision,
                      cfg.model.gradient_checkpointing)
     engine = DeepSpeedEngine(TokenLogprobs(model), cfg.parallel, cfg.optimizer, cfg.model.dtype, info.world_size,
-                             total_steps, cfg.schedule)
+                             total_steps, cfg.schedule, cfg.parallel.grad_accum_steps(info.world_size),
+                             external_params=(model.lm_head.weight,))
     device = dist.device()
     collator = Collator(processor, cfg.data.min_pixels, cfg.data.max_pixels, always_run_vision=dataset.has_images)
     rows_per_rank = global_batch // engine.dp_size
@@ -67,14 +68,14 @@ def train(cfg: ColdStartConfig) -> dict:
     step, tokens_seen = 0, 0
     resume_from = latest_checkpoint(out_dir) if cfg.checkpoint.resume else None
     if resume_from:
-        state = load_checkpoint(engine, resume_from)
+        state = load_checkpoint({"policy": engine}, resume_from)
         step, tokens_seen = state["step"], state["tokens_seen"]
         log(f"resumed from {resume_from} at step {step}")
     metrics = MetricsLogger(out_dir, info.is_main, cfg.logging, total_steps, resume_step=step,
                             run_config=to_dict(cfg))
 
     def save() -> None:
-        save_checkpoint(engine, out_dir, step, {"step": step, "tokens_seen": tokens_seen, "rows_consumed":
+        save_checkpoint({"policy": engine}, out_dir, step, {"step": step, "tokens_seen": tokens_seen, "rows_consumed":
                         step * global_batch}, dump_config(cfg), cfg.model.path, cfg.checkpoint.keep_last,
                         cfg.checkpoint.save_hf_weights)
 

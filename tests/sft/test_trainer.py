@@ -60,7 +60,7 @@ def test_train_checkpoint_export_roundtrip(tiny_model_dir, arithmetic_file, tmp_
 
     export_hf(str(out), str(tmp_path / "hf"))
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hf")
-    trained = torch.load(out / "checkpoints" / "step_6" / "engine" / "mp_rank_00_model_states.pt",
+    trained = torch.load(out / "checkpoints" / "step_6" / "policy" / "engine" / "mp_rank_00_model_states.pt",
                          weights_only=False)["module"]
     w = model.model.language_model.layers[0].mlp.down_proj.weight
     assert torch.equal(w, trained["model.model.language_model.layers.0.mlp.down_proj.weight"].float())
