@@ -157,6 +157,7 @@ def run_cpu(args):
                 results[method].update(json.loads(proc.stdout.strip().splitlines()[-1]))
             print("   ", json.dumps(results[method]), flush=True)
         report(case, results, note="CPU, %d threads" % torch.get_num_threads())
+    print("liger, cce: skipped on the CPU (their kernels are Triton GPU kernels); ours-triton: GPU only")
 
 
 # ----------------------------------------------------------------------------------------------
