@@ -101,6 +101,12 @@ def fused_logprobs(hidden, weight, targets, *, temperature=1.0, return_entropy=F
     Returns:
         (logprobs [T] fp32, entropy [T] fp32 or None). Gradients reach hidden and weight in their
         own dtypes.
+
+    Callers: flatten [B, S, H] to [B*S, H] and shift targets yourself (row t predicts token t+1).
+    One host synchronisation per call (target validation, dropping ignored rows): keep it out of
+    CUDA graphs. Under ZeRO-3 the weight must be the gathered parameter in both passes: call this
+    inside the LM head module's own forward (its hooks gather the weight for forward and backward),
+    not with ``model.lm_head.weight`` from outside, which is an empty placeholder there.
     """
     _check_inputs(hidden, weight, targets, temperature, backend)
     impl = _pick_backend(backend, hidden)
@@ -181,8 +187,8 @@ def _pick_backend(backend, hidden):
         from . import logprob_triton
         logprob_triton.check_usable(hidden)   # raises a clear error on CPU tensors / no triton
         return logprob_triton
-    # auto
-    if hidden.is_cuda:
+    # auto: the kernels take fp32 / bf16 / fp16 on CUDA; anything else goes to the torch backend.
+    if hidden.is_cuda and hidden.dtype in (torch.float32, torch.bfloat16, torch.float16):
         from . import logprob_triton
         if logprob_triton.available():
             return logprob_triton
