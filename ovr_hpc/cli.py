@@ -1,6 +1,6 @@
 """`ovr-hpc` command line: parse, validate the config, call one entry point.
 
-    ovr-hpc coldstart CONFIG [key=value ...]      train (one process per rank: srun / torchrun / submitit)
+    ovr-hpc coldstart|rl CONFIG [key=value ...]   train (one process per rank: srun / torchrun / submitit)
     ovr-hpc check STAGE CONFIG [key=value ...]    validate a config and print it resolved (no torch import)
     ovr-hpc submit STAGE CONFIG [options] [key=value ...]   submit through submitit
     ovr-hpc data check FILE [FILE ...]            report malformed records without training
@@ -18,7 +18,7 @@ import sys
 
 from ovr_hpc.config import ConfigError, dump_config, load_config
 
-TRAIN_STAGES = ("coldstart",)
+TRAIN_STAGES = ("coldstart", "rl")
 
 
 def run_stage(stage: str, config_path: str, overrides: list[str]) -> int:
@@ -26,6 +26,8 @@ def run_stage(stage: str, config_path: str, overrides: list[str]) -> int:
     config = load_config(stage, config_path, overrides)
     if stage == "coldstart":
         from ovr_hpc.sft.trainer import train
+    elif stage == "rl":
+        from ovr_hpc.rl.trainer import train
     else:  # pragma: no cover - guarded by load_config
         raise ConfigError(f"stage {stage!r} has no trainer")
     result = train(config)
@@ -75,7 +77,8 @@ def _synth_data(args) -> int:
     from ovr_hpc.data import synthetic
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write = synthetic.write_arithmetic_sft if args.kind == "sft" else synthetic.write_arithmetic_rl
+    write = {"sft": synthetic.write_arithmetic_sft, "rl": synthetic.write_arithmetic_rl,
+             "rl-color": synthetic.write_color_rl}[args.kind]
     print(f"wrote {write(args.out, args.n, args.seed)}")
     return 0
 
@@ -128,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_tiny_model)
 
     p = sub.add_parser("synth-data", help="write synthetic arithmetic reasoning records (demo, tests)")
-    p.add_argument("kind", choices=["sft", "rl"])
+    p.add_argument("kind", choices=["sft", "rl", "rl-color"])
     p.add_argument("out")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)

@@ -1,11 +1,18 @@
-"""Synthetic reasoning data for the demo and the tests: arithmetic word problems with a short chain of
-thought and a boxed answer, in our record formats (cold start: chat messages; RL: problem/answer).
+"""Synthetic reasoning data for the demo and the tests, in our record formats (cold start: chat
+messages; RL: problem/answer):
+- arithmetic word problems with a short chain of thought and a boxed answer (text);
+- a colour question about a shape drawn with PIL (multimodal): the RL prompt shows only the image, so
+  the model must read it; the cold start sees the same question with the colour named in the text,
+  which teaches the answer format but not how to read the picture.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+
+from ovr_hpc.config import DEFAULT_INSTRUCTION
 
 NAMES = ["Tom", "Ana", "Li", "Sam", "Mia", "Ben", "Eva", "Raj", "Zoe", "Max"]
 THINGS = ["apples", "coins", "books", "cards", "pens", "shells", "stamps", "marbles"]
@@ -29,11 +36,45 @@ def arithmetic_problem(rng: random.Random) -> tuple[str, str, str]:
     return q, r, str(ans)
 
 
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (235, 200, 20)}
+SHAPES = ["square", "circle", "triangle"]
+COLOR_QUESTION = "What color is the shape in the picture?"
+
+
+def draw_shape(path: str, color: str, shape: str, rng: random.Random, size: int = 56) -> str:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    r = rng.randint(size // 5, size // 3)
+    cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "square":
+        draw.rectangle(box, fill=COLORS[color])
+    elif shape == "circle":
+        draw.ellipse(box, fill=COLORS[color])
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=COLORS[color])
+    image.save(path)
+    return path
+
+
+def _user(text: str) -> str:
+    return f"{text}\n{DEFAULT_INSTRUCTION}"
+
+
 def sft_record(rng: random.Random, i: int) -> dict:
-    q, r, ans = arithmetic_problem(rng)
+    """Arithmetic (3 in 4) or the colour question with the colour named in the text."""
+    if rng.random() < 0.75:
+        q, r, ans = arithmetic_problem(rng)
+        source = "synthetic_arithmetic"
+    else:
+        ans, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+        q = f"The {shape} in the picture is {ans}. {COLOR_QUESTION}"
+        r, source = f"The {shape} is {ans}.", "synthetic_color_text"
     answer = f"<think>{r}</think> The answer is \\boxed{{{ans}}}."
-    return {"id": f"arith-{i}", "source": "synthetic_arithmetic",
-            "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer}]}
+    return {"id": f"{source}-{i}", "source": source,
+            "messages": [{"role": "user", "content": _user(q)}, {"role": "assistant", "content": answer}]}
 
 
 def rl_record(rng: random.Random, i: int) -> dict:
@@ -57,3 +98,19 @@ def write_arithmetic_sft(path: str, n: int, seed: int = 0) -> str:
 def write_arithmetic_rl(path: str, n: int, seed: int = 1) -> str:
     rng = random.Random(seed)
     return write_jsonl(path, [rl_record(rng, i) for i in range(n)])
+
+
+def write_color_rl(path: str, n: int, seed: int = 2) -> str:
+    """Multimodal RL records: one image of a coloured shape each (written to images/ beside the file)."""
+    rng = random.Random(seed)
+    image_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "images")
+    os.makedirs(image_dir, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    records = []
+    for i in range(n):
+        color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+        name = f"{stem}-{i}.png"
+        draw_shape(os.path.join(image_dir, name), color, shape, rng)
+        records.append({"id": f"color-{i}", "source": "synthetic_color", "images": [f"images/{name}"],
+                        "problem": f"<image>{COLOR_QUESTION}", "answer": color})
+    return write_jsonl(path, records)

@@ -103,3 +103,31 @@ class TokenLogprobs(nn.Module):
         hidden = last_hidden_states(self.model, input_ids, position_ids, pixel_values, image_grid_thw)
         return fused_logprobs(hidden, lm_head(self.model).weight, targets, temperature=temperature,
                               return_entropy=return_entropy, tp_group=self.tp_group)
+
+
+class TokenValues(nn.Module):
+    """The critic: the same backbone with a bias-free linear value head on the last hidden state.
+
+    forward(...) -> fp32 value per position [T]; the value at position p is the critic's estimate
+    for the state before token p+1, aligned with TokenLogprobs' log-prob of token p+1.
+    The head keeps PyTorch's default Linear init (kaiming-uniform, a=sqrt(5)), as ORZ does.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        hidden = model.config.get_text_config().hidden_size
+        self.value_head = nn.Linear(hidden, 1, bias=False, dtype=next(model.parameters()).dtype)
+
+    def forward(self, input_ids, position_ids, targets=None, pixel_values=None, image_grid_thw=None):
+        hidden = last_hidden_states(self.model, input_ids, position_ids, pixel_values, image_grid_thw)
+        return self.value_head(hidden).squeeze(-1).float()
+
+
+def load_critic(path: str, dtype: str = "float32", attn_implementation: str = "auto", freeze_vision: bool = False,
+                gradient_checkpointing: bool = False, seed: int = 0) -> TokenValues:
+    model = load_vlm(path, dtype, attn_implementation, freeze_vision, gradient_checkpointing)
+    model.lm_head = None  # the critic never produces tokens: no vocabulary-sized weight to keep
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)  # the value head's init depends on the seed only
+        return TokenValues(model)

@@ -13,11 +13,16 @@ import torch
 
 @dataclass
 class Prompt:
-    """A user turn: text (with `<image>` placeholders or not) and its images (paths/URLs/base64)."""
+    """A user turn: text (with `<image>` placeholders or not) and its images (paths/URLs/base64).
+
+    raw=True: `text` is the whole prompt (e.g. ORZ's plain template), not put in the chat template;
+    its `<image>` placeholders (or, without any, the start) receive the vision tokens.
+    """
 
     text: str
     images: list[str] = field(default_factory=list)
     system: str | None = None
+    raw: bool = False
 
 
 @dataclass

@@ -6,12 +6,21 @@ from typing import Iterable
 
 import torch
 
+from ovr_hpc.data.records import IMAGE_PLACEHOLDER
 from ovr_hpc.data.templates import to_chat_messages
 from ovr_hpc.data.vision import load_image
 from ovr_hpc.rollout.base import Completion, Prompt, SamplingParams
 
 
-def chat_prompt_text(processor, prompt: Prompt) -> str:
+VISION_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def prompt_text(processor, prompt: Prompt) -> str:
+    """The exact text a prompt is generated from (one image pad per image, expanded by the processor)."""
+    if prompt.raw:
+        if IMAGE_PLACEHOLDER in prompt.text:
+            return prompt.text.replace(IMAGE_PLACEHOLDER, VISION_TOKENS)
+        return VISION_TOKENS * len(prompt.images) + prompt.text
     messages = [{"role": "user", "content": prompt.text}]
     chat = to_chat_messages(messages, len(prompt.images), prompt.system)
     return processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
@@ -41,7 +50,7 @@ class HFRolloutEngine:
         return results
 
     def _generate_chunk(self, prompts, indices, params: SamplingParams):
-        texts = [chat_prompt_text(self.processor, p) for p in prompts]
+        texts = [prompt_text(self.processor, p) for p in prompts]
         images = [load_image(ref, self.min_pixels, self.max_pixels) for p in prompts for ref in p.images]
         self.tokenizer.padding_side = "left"
         inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)

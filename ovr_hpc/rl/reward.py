@@ -1,0 +1,1013 @@
+"""Rule-based verifiable reward for the RL stage (binary, no format reward).
+
+A response earns 1.0 when it finished normally and its *last* ``\\boxed{...}`` (or ``\\fbox{...}``)
+answer matches the reference, else 0.0.  Every outcome carries a short reason code for logging.
+
+Entry points
+------------
+``score(response, reference, *, answer_type=None, finished=True) -> RewardResult``
+    Pure function, in-process.  Never raises, never evaluates model text as code.
+``RewardPool(num_workers, timeout_s)``
+    Scores batches in worker processes; a worker that hangs past ``timeout_s`` is killed and
+    replaced, its item scored 0 with reason ``"timeout"``.  ``num_workers=0`` scores in-process.
+
+Comparison by ``answer_type``
+-----------------------------
+* ``None`` (or unknown): infer.  A reference that is a lone capital letter ("C", "(C)", "C.")
+  is a multiple-choice reference; anything else is compared as math.
+* ``"multiple_choice"`` / ``"choice"`` / ``"mc"`` / ``"option"``: letters.  The response may
+  spell the letter "B", "(B)", "[B]", "B.", "B)", "B:", "option B", "Answer: (B)",
+  "\\text{B}", "\\textbf{(B)}", "B: <choice text>", "(B) <choice text>"; a lowercase lone
+  letter ("b") counts too.  Several letters ("A, C", "AC") are compared as a set when the
+  reference also names several.  If the reference is not a letter, falls back to math.
+* ``"number"`` / ``"numeric"`` / ``"float"``: numbers with tolerance
+  ``|pred - ref| <= max(REL_TOL * |ref|, ABS_TOL)`` with ``REL_TOL = 1e-4`` (relative to the
+  reference) and ``ABS_TOL = 1e-8``.  A response percentage "50%" matches both 50 and 0.5.
+  Units, "x =", thousands separators, ``\\frac``, ``a \\times 10^{k}`` are understood.
+  Falls back to math when the reference is not a number.
+* ``"math"`` (and any other value, e.g. "expression", "integer", "free_form"): mathematical
+  equivalence by math-verify (fractions, decimals to 6 places, percentages, units, LaTeX
+  forms, sets, intervals, relations such as "x=3" vs "3", matrices), after a cheap
+  normalised-string equality test.
+
+Safety
+------
+* Only the last ``MAX_RESPONSE_CHARS`` characters of a response are inspected; the extracted
+  answer may be at most ``MAX_ANSWER_CHARS`` long (else ``"too_long"``); answers nested deeper
+  than ``MAX_NESTING`` brackets, numeric power towers, 7+ digit exponents and 6+ digit
+  factorials are refused (``"too_complex"``) before any parsing: they are what makes the
+  LaTeX parser or sympy blow up.
+* Only math-verify's LaTeX extraction is used (its plain-expression extractor calls sympy's
+  ``parse_expr``, which evaluates code); references are parsed the same way.
+* Time bound in-process: ``score(..., timeout_s=5.0)`` arms a SIGALRM interval timer when
+  called from the main thread (math-verify's own signal timeouts are switched off: they need
+  the main thread, take whole seconds and report a timeout as a plain "wrong").  A signal
+  cannot interrupt one long C call (a huge big-integer power), so the hard bound is the
+  :class:`RewardPool`, which kills the worker.  Off the main thread ``score`` has no timer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing as mp
+import os
+import re
+import signal
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from multiprocessing.connection import wait as _mp_wait
+from typing import Any, Callable, Iterable, Sequence
+
+__all__ = [
+    "RewardResult",
+    "REASONS",
+    "score",
+    "extract_last_boxed",
+    "RewardPool",
+    "MAX_RESPONSE_CHARS",
+    "MAX_ANSWER_CHARS",
+    "MAX_NESTING",
+    "REL_TOL",
+    "ABS_TOL",
+]
+
+logger = logging.getLogger(__name__)
+
+# ----------------------------------------------------------------------------- limits
+MAX_RESPONSE_CHARS = 1 << 19  # 524288 chars inspected (tail); a 48k-token response is ~200k chars
+MAX_ANSWER_CHARS = 1024  # extracted answer
+MAX_REFERENCE_CHARS = 4096
+MAX_NESTING = 8  # ( [ { nesting; the antlr LaTeX parser gets exponentially slow past ~10
+MAX_BOXED_CANDIDATES = 64  # \boxed mentions without an argument skipped before giving up
+REL_TOL = 1e-4
+ABS_TOL = 1e-8
+DEFAULT_TIMEOUT_S = 5.0
+
+REASONS = (
+    "correct",  # score 1
+    "wrong",  # parsed, not equivalent
+    "no_boxed",  # no \boxed / \fbox answer
+    "empty_boxed",  # \boxed{}
+    "truncated",  # finished=False (length cut, abort)
+    "too_long",  # boxed answer longer than MAX_ANSWER_CHARS
+    "too_complex",  # refused by the pre-screen (deep nesting, power tower, huge exponent/factorial)
+    "parse_error",  # unbalanced braces or math-verify could not parse the answer
+    "bad_reference",  # reference empty / not a string / too long
+    "timeout",  # time bound hit (in-process timer or pool kill)
+    "error",  # unexpected exception while scoring (also MemoryError under the pool's limit)
+    "crashed",  # pool worker died while scoring this item
+)
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    """``score`` in [0, 1]; ``reason`` one of :data:`REASONS`; ``answer`` the extracted boxed
+    text (at most 200 chars, for logging) or None."""
+
+    score: float
+    reason: str
+    answer: str | None = None
+
+    @property
+    def correct(self) -> bool:
+        return self.reason == "correct"
+
+
+def _result(reason: str, answer: str | None = None) -> RewardResult:
+    if answer is not None and len(answer) > 200:
+        answer = answer[:200]
+    return RewardResult(1.0 if reason == "correct" else 0.0, reason, answer)
+
+
+# ----------------------------------------------------------------------------- time bound
+class _RewardTimeout(BaseException):
+    """Raised by our SIGALRM handler.  BaseException on purpose: sympy and math-verify catch
+    ``Exception`` all over the place and would swallow an ordinary exception."""
+
+
+_TIMER_REPEAT_S = 0.05  # after the first expiry, fire again every 50 ms (see below)
+
+
+def _call_with_time_limit(fn: Callable[[], RewardResult], timeout_s: float | None) -> RewardResult:
+    """Run ``fn()``; if it takes longer than ``timeout_s`` return a "timeout" result.
+
+    SIGALRM interval timer, main thread only (elsewhere: no bound, ``fn()`` runs as is).  The
+    timer keeps firing every 50 ms after expiry because some library code swallows even
+    BaseException (bare ``except:``); the handler raises only while the interrupted frame is not
+    this function's own, so the exception can never escape from our clean-up code."""
+    usable = (
+        timeout_s is not None
+        and timeout_s > 0
+        and hasattr(signal, "setitimer")
+        and threading.current_thread() is threading.main_thread()
+    )
+    if not usable:
+        return fn()
+    own_code = _call_with_time_limit.__code__
+    armed = [True]
+
+    def handler(signum, frame):
+        if armed[0] and frame is not None and frame.f_code is not own_code:
+            raise _RewardTimeout()
+
+    old_handler = signal.signal(signal.SIGALRM, handler)
+    prev_delay, _ = signal.setitimer(signal.ITIMER_REAL, float(timeout_s), _TIMER_REPEAT_S)
+    started = time.monotonic()
+    result = None
+    try:
+        result = fn()
+    except _RewardTimeout:
+        result = None
+    finally:
+        armed[0] = False
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if prev_delay > 0:  # somebody else's timer was running: re-arm what is left of it
+            left = prev_delay - (time.monotonic() - started)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3))
+    return result if result is not None else _result("timeout")
+
+
+# ----------------------------------------------------------------------------- boxed extraction
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_INLINE_STOP = ("$", "\n", "\\]", "\\)")
+
+
+def extract_last_boxed(text: str) -> tuple[str | None, str]:
+    """Return ``(content, status)`` of the last ``\\boxed{..}`` / ``\\fbox{..}`` / ``\\boxed x``.
+
+    status: "ok", "no_boxed", "too_long" (argument longer than MAX_ANSWER_CHARS) or
+    "parse_error" (opening brace never closed).  Linear in the inspected text; escaped braces
+    ``\\{ \\}`` do not count.  Mentions of ``\\boxed`` with no argument are skipped (at most
+    MAX_BOXED_CANDIDATES of them)."""
+    if len(text) > MAX_RESPONSE_CHARS:
+        text = text[-MAX_RESPONSE_CHARS:]
+    end = len(text)
+    for _ in range(MAX_BOXED_CANDIDATES):
+        pos, cmd = -1, ""
+        for c in _BOX_COMMANDS:
+            p = text.rfind(c, 0, end)
+            if p > pos:
+                pos, cmd = p, c
+        if pos < 0:
+            return None, "no_boxed"
+        end = pos  # next round searches before this mention
+        i = pos + len(cmd)
+        if i < len(text) and text[i].isalpha():  # another control word, e.g. \boxedx, \fboxsep
+            continue
+        j = i
+        while j < len(text) and j - i < 16 and text[j] in " \t":
+            j += 1
+        if j < len(text) and text[j] == "{":
+            return _match_braces(text, j)
+        if j == i or j >= len(text):  # "\boxed." / "\boxed" at the very end: a mention
+            continue
+        # "\boxed 5": TeX takes one token, models mean the rest of the inline math.
+        stop = min(len(text), j + MAX_ANSWER_CHARS + 1)
+        for s in _INLINE_STOP:
+            k = text.find(s, j, stop)
+            if k >= 0:
+                stop = k
+        content = text[j:stop].strip().rstrip(".,;").strip()
+        if not content:
+            continue
+        if len(content) > MAX_ANSWER_CHARS:
+            return None, "too_long"
+        return content, "ok"
+    return None, "no_boxed"
+
+
+def _match_braces(text: str, open_pos: int) -> tuple[str | None, str]:
+    depth = 0
+    i = open_pos
+    limit = min(len(text), open_pos + MAX_ANSWER_CHARS + 2)
+    while i < limit:
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            depth += 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_pos + 1 : i], "ok"
+        i += 1
+    if limit < len(text):
+        return None, "too_long"
+    return None, "parse_error"
+
+
+# ----------------------------------------------------------------------------- normalisation
+_UNICODE = {
+    "\u2212": "-",  # minus
+    "\u2013": "-",
+    "\u2014": "-",
+    "\u00d7": "\\times ",
+    "\u22c5": "\\cdot ",
+    "\u00b7": "\\cdot ",
+    "\u00f7": "\\div ",
+    "\u03c0": "\\pi ",
+    "\u221e": "\\infty ",
+    "\u00b0": "^\\circ",
+    "\u2264": "\\le ",
+    "\u2265": "\\ge ",
+    "\u2260": "\\ne ",
+    "\u00bd": "\\frac{1}{2}",
+    "\uff08": "(",
+    "\uff09": ")",
+    "\uff1a": ":",
+    "\uff0c": ",",
+    "\u3000": " ",
+}
+_UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
+_SQRT_UNI_RE = re.compile(r"\u221a\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]{0,64}\)|\{[^{}]{0,64}\})")
+_SPACING_RE = re.compile(r"\\[,;:! ]|\\q?quad\b|~|\\displaystyle\b|\\textstyle\b")
+_LEFT_RIGHT_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)\b\s*\.?")
+_FRAC_VARIANT_RE = re.compile(r"\\[dt]frac\b")
+
+
+def _clean(s: str) -> str:
+    """Cosmetic normalisation, safe on any string (linear regexes only)."""
+    s = _SQRT_UNI_RE.sub(lambda m: "\\sqrt{" + m.group(1).strip("(){}") + "}", s)
+    s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
+    s = s.replace("\\$", "").replace("$", "")  # currency "\$5" and inline-math dollars
+    s = _SPACING_RE.sub(" ", s)
+    s = _LEFT_RIGHT_RE.sub("", s)
+    s = _FRAC_VARIANT_RE.sub(r"\\frac", s)
+    s = s.strip()
+    while s and s[-1] in ".,;" and not s.endswith("\\."):
+        s = s[:-1].rstrip()
+    return s
+
+
+def _canon(s: str) -> str:
+    return re.sub(r"\s+", "", s)
+
+
+_WRAP_RE = re.compile(r"^\\(?:text|textbf|textit|textrm|texttt|textsf|mathrm|mathbf|mathit|mathsf|mbox|operatorname)\s*\{(.*)\}$", re.S)
+
+
+def _unwrap_text(s: str) -> str:
+    for _ in range(4):
+        m = _WRAP_RE.match(s)
+        if not m or not _balanced(m.group(1)):
+            break
+        s = m.group(1).strip()
+    return s
+
+
+def _balanced(s: str) -> bool:
+    depth = 0
+    i = 0
+    while i < len(s):
+        if s[i] == "\\":
+            i += 2
+            continue
+        if s[i] == "{":
+            depth += 1
+        elif s[i] == "}":
+            depth -= 1
+            if depth < 0:
+                return False
+        i += 1
+    return depth == 0
+
+
+def _strip_text_commands(s: str) -> str:
+    """\\text{B} -> B anywhere (one level), for letter parsing."""
+    return re.sub(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}", r"\1", s)
+
+
+# ----------------------------------------------------------------------------- safety pre-screen
+_TOWER_RES = (
+    re.compile(r"\^\{?\(?[0-9.]+\)?\}?\^"),  # 9^9^9, 9^{9}^{9}
+    re.compile(r"\^\{\(?[0-9.]+\)?\^"),  # 9^{9^{..}}
+    re.compile(r"\^\{?\(?\d{7,}"),  # 2^{12345678}
+    re.compile(r"\d{6,}\)?!"),  # 123456!
+    re.compile(r"!\)+!"),  # (n!)!
+    re.compile(r"\\exp\s*\{?\(?\s*\\exp"),  # exp(exp(..
+    re.compile(r"\^\{[^{}]*!"),  # 2^{(12)!}
+)
+_BIG_LITERAL_RE = re.compile(r"\d{7,}")
+# With a 7+ digit literal around, these make sympy build astronomically large integers in
+# single C calls that no signal can interrupt (e.g. \binom{x^{2.5}}{-2637690055}).
+_EXPLOSIVE_RE = re.compile(r"\\binom|\\choose|\\dbinom|\\tbinom|!|\^|\\Gamma|\\prod")
+
+
+def _nesting_depth(s: str) -> int:
+    depth = best = 0
+    for ch in s:
+        if ch in "([{":
+            depth += 1
+            if depth > best:
+                best = depth
+        elif ch in ")]}":
+            depth = max(0, depth - 1)
+    return best
+
+
+def _too_complex(s: str) -> bool:
+    if _nesting_depth(s) > MAX_NESTING:
+        return True
+    compact = re.sub(r"\s+", "", s)
+    if _BIG_LITERAL_RE.search(compact) and _EXPLOSIVE_RE.search(compact):
+        return True
+    return any(r.search(compact) for r in _TOWER_RES)
+
+
+# ----------------------------------------------------------------------------- multiple choice
+_CHOICE_TYPES = {"multiple_choice", "multiple-choice", "choice", "mc", "mcq", "option", "options", "letter"}
+_CHOICE_TYPES |= {"multi_choice", "multichoice", "multiple_choices"}
+_NUMBER_TYPES = {"number", "numeric", "numerical", "float", "real"}
+# Explicitly "math": never reinterpreted as a letter even when the reference is one capital.
+_MATH_TYPES = {"math", "expression", "latex", "formula", "integer", "int", "free_form", "text", "list"}
+_MC_PREFIX_RE = re.compile(
+    r"^(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice)\s*(?:is\s*)?[:=]?\s*", re.I
+)
+_MC_SINGLE_RE = re.compile(r"^([\(\[]?)\s*([A-Za-z])\s*([\)\]]?)(?=$|[\s.:,)\]])(.*)$", re.S)
+_MC_MULTI_RE = re.compile(r"^[A-Z](?:\s*[,;/&]\s*[A-Z]|\s+and\s+[A-Z]|\s+[A-Z])+$")
+
+
+def _choice_letters(s: str, *, strict: bool = False) -> frozenset[str] | None:
+    """Letters named by a choice answer, or None.  ``strict``: the whole string must be the
+    (uppercase) letter form, no choice text (used to infer a choice *reference*)."""
+    s = _strip_text_commands(_unwrap_text(_clean(s))).strip()
+    s = _MC_PREFIX_RE.sub("", s).strip()
+    if not s or len(s) > MAX_ANSWER_CHARS:
+        return None
+    if _MC_MULTI_RE.match(s):  # "A, C", "A and C"
+        if strict:
+            return None
+        return frozenset(re.findall(r"[A-Z]", s))
+    m = _MC_SINGLE_RE.match(s)
+    if m:
+        letter, rest = m.group(2), m.group(4)
+        bracketed = bool(m.group(1) or m.group(3))
+        rest_s = rest.strip().lstrip(".:)]").strip()
+        if strict:
+            if letter.isupper() and not rest_s:
+                return frozenset(letter)
+            return None
+        if not rest_s:
+            return frozenset(letter.upper())
+        if letter.isupper() or bracketed:  # "B: 12 cm", "(b) 12 cm"
+            return frozenset(letter.upper())
+        return None
+    if not strict and 2 <= len(s) <= 10 and s.isalpha() and s.isupper():  # "AC"
+        return frozenset(s)
+    return None
+
+
+def _multi_letter_reference(s: str) -> frozenset[str] | None:
+    s = _strip_text_commands(_unwrap_text(_clean(s))).strip()
+    if _MC_MULTI_RE.match(s):
+        return frozenset(re.findall(r"[A-Z]", s))
+    if 2 <= len(s) <= 10 and s.isalpha() and s.isupper():
+        return frozenset(s)
+    return None
+
+
+# ----------------------------------------------------------------------------- numbers
+_NUM = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][+-]?\d+)?"
+_PLAIN_NUM_RE = re.compile(r"^(" + _NUM + r")$")
+_FRAC_RE = re.compile(r"^([+-]?)\\frac\{(" + _NUM + r")\}\{(" + _NUM + r")\}$")
+_SLASH_RE = re.compile(r"^(" + _NUM + r")\s*/\s*(" + _NUM + r")$")
+_SCI_RE = re.compile(r"^(" + _NUM + r")\s*(?:\\times|\\cdot|\*|x)\s*10\s*\^\s*\{?\s*([+-]?\d{1,4})\s*\}?$")
+_ASSIGN_RE = re.compile(r"^[A-Za-z](?:_\{?\w+\}?)?\s*(?:=|\\approx|\\approxeq)\s*")
+# One character per repetition for letters/spaces: no nested quantifier, so no backtracking blow-up.
+_UNIT_TAIL_RE = re.compile(
+    r"^(" + _NUM + r")(?:\\(?:text|mathrm|mbox)\s*\{[^{}]*\}|[A-Za-z\u00b5\u03bc/\s]|\^\\circ|\\circ|\^\{?\d\}?)+$"
+)
+
+
+def _num(s: str) -> float | None:
+    if not s or s in "+-" or s in (".", "+.", "-."):
+        return None
+    try:
+        v = float(s.replace(",", ""))
+    except (ValueError, OverflowError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _plain_float(s: str) -> tuple[float | None, bool]:
+    """(value, is_percent) for plain numeric text, without sympy.  Value None if not plain."""
+    s = _strip_text_commands(_unwrap_text(_clean(s)))
+    s = _ASSIGN_RE.sub("", s).strip()
+    s = s.replace("\\$", "").replace("\\%", "%").strip()
+    pct = s.endswith("%")
+    if pct:
+        s = s[:-1].strip()
+    s = re.sub(r"\^\s*\{?\\circ\}?$", "", s).strip()
+    m = _PLAIN_NUM_RE.match(s)
+    if m:
+        return _num(m.group(1)), pct
+    m = _FRAC_RE.match(s)
+    if m:
+        a, b = _num(m.group(2)), _num(m.group(3))
+        if a is not None and b:
+            return (-a / b if m.group(1) == "-" else a / b), pct
+    m = _SLASH_RE.match(s)
+    if m:
+        a, b = _num(m.group(1)), _num(m.group(2))
+        if a is not None and b:
+            return a / b, pct
+    m = _SCI_RE.match(s)
+    if m:
+        a = _num(m.group(1))
+        if a is not None:
+            try:
+                v = a * 10.0 ** int(m.group(2))
+            except OverflowError:
+                return None, pct
+            return (v if math.isfinite(v) else None), pct
+    m = _UNIT_TAIL_RE.match(s)
+    if m:
+        return _num(m.group(1)), pct
+    return None, pct
+
+
+def _sympy_float(expr: Any) -> float | None:
+    try:
+        import sympy
+
+        if isinstance(expr, sympy.Eq) or (isinstance(expr, sympy.Basic) and expr.is_Relational):
+            expr = expr.rhs
+        if not isinstance(expr, sympy.Basic):
+            return None
+        expr = expr.doit() if expr.has(sympy.UnevaluatedExpr) else expr
+        if not expr.is_number:
+            return None
+        v = complex(expr.evalf(30))
+        if abs(v.imag) > 1e-12:
+            return None
+        v = v.real
+        return v if math.isfinite(v) else None
+    except Exception:
+        return None
+
+
+def _close(pred: float, ref: float) -> bool:
+    return abs(pred - ref) <= max(REL_TOL * abs(ref), ABS_TOL)
+
+
+# ----------------------------------------------------------------------------- math-verify
+_MV: dict[str, Any] = {}
+
+
+def _mv():
+    """Import math-verify lazily (sympy import is ~1 s) and switch off its signal timeouts."""
+    if not _MV:
+        import math_verify
+        import math_verify.grader as _grader
+        import math_verify.parser as _parser
+        from math_verify import LatexExtractionConfig
+
+        _parser.TIMEOUT_WARNING_SHOWN = True  # we pass timeouts=None on purpose
+        _grader.TIMEOUT_WARNING_SHOWN = True
+        _MV["parse"] = math_verify.parse
+        _MV["verify"] = math_verify.verify
+        _MV["config"] = [LatexExtractionConfig(boxed_match_priority=0)]
+    return _MV
+
+
+def _mv_parse(s: str) -> list:
+    mv = _mv()
+    return mv["parse"](
+        "\\boxed{" + s + "}",
+        extraction_config=mv["config"],
+        fallback_mode="no_fallback",
+        parsing_timeout=None,
+    )
+
+
+def _mv_verify(gold: list, pred: list) -> bool:
+    return bool(
+        _mv()["verify"](gold, pred, timeout_seconds=None, allow_set_relation_comp=True)
+    )
+
+
+_GOLD_CACHE: "OrderedDict[str, list]" = OrderedDict()  # 16 samples share one reference
+
+
+def _gold(ref: str) -> list:
+    hit = _GOLD_CACHE.get(ref)
+    if hit is not None:
+        _GOLD_CACHE.move_to_end(ref)
+        return hit
+    parsed = _mv_parse(ref)
+    _GOLD_CACHE[ref] = parsed
+    if len(_GOLD_CACHE) > 512:
+        _GOLD_CACHE.popitem(last=False)
+    return parsed
+
+
+def _normalize_reference(reference: str) -> str:
+    ref = reference.strip()
+    if "\\boxed" in ref or "\\fbox" in ref:
+        content, status = extract_last_boxed(ref)
+        if status == "ok" and content is not None:
+            ref = content
+    return _clean(ref)
+
+
+# ----------------------------------------------------------------------------- scoring
+def score(
+    response: str,
+    reference: str,
+    *,
+    answer_type: str | None = None,
+    finished: bool = True,
+    timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> RewardResult:
+    """Binary reward of ``response`` against ``reference``; see the module docstring.
+
+    ``finished=False`` (length cut / aborted) scores 0 with reason "truncated" without looking
+    at the text.  ``timeout_s`` bounds the check with SIGALRM when called from the main thread
+    (None: no in-process bound; the pool supplies the hard one).  Never raises for bad input."""
+    if not finished:
+        return _result("truncated")
+    try:
+        return _call_with_time_limit(
+            lambda: _score_impl(response, reference, answer_type), timeout_s
+        )
+    except Exception:  # MemoryError, RecursionError, anything a library throws at us
+        logger.debug("reward scoring failed", exc_info=True)
+        return _result("error")
+
+
+def _score_impl(response: Any, reference: Any, answer_type: str | None) -> RewardResult:
+    if not isinstance(reference, str):
+        if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+            reference = repr(reference)
+        else:
+            return _result("bad_reference")
+    if not isinstance(response, str):
+        return _result("error")
+    if len(reference) > MAX_REFERENCE_CHARS:
+        return _result("bad_reference")
+    ref = _normalize_reference(reference)
+    if not ref:
+        return _result("bad_reference")
+
+    raw, status = extract_last_boxed(response)
+    if status != "ok":
+        return _result(status)
+    assert raw is not None
+    answer = _clean(raw)
+    if not answer:
+        return _result("empty_boxed", raw)
+
+    kind = (answer_type or "").strip().lower().replace(" ", "_")
+    infer = kind not in _NUMBER_TYPES and kind not in _MATH_TYPES
+    if kind in _CHOICE_TYPES or (infer and _choice_letters(ref, strict=True)):
+        ref_letters = _choice_letters(ref, strict=True) or _multi_letter_reference(ref)
+        if ref_letters:
+            got = _choice_letters(answer)
+            return _result("correct" if got == ref_letters else "wrong", raw)
+        # choice question whose reference is the option text: compare as math below
+
+    # Cheap exact match on the normalised text (no parser involved).
+    if _canon(answer) == _canon(ref):
+        return _result("correct", raw)
+    if _too_complex(answer):
+        return _result("too_complex", raw)
+
+    if kind in _NUMBER_TYPES:
+        res = _score_number(answer, ref)
+        if res is not None:
+            return _result(res, raw)
+
+    return _result(_score_math(answer, ref), raw)
+
+
+def _score_number(answer: str, ref: str) -> str | None:
+    """'correct' / 'wrong', or None when the reference is not a number (caller uses math)."""
+    ref_val, ref_pct = _plain_float(ref)
+    if ref_val is None:
+        ref_val = _sympy_float(_first(_gold(ref)))
+    if ref_val is None:
+        return None
+    if ref_pct:
+        ref_val = ref_val / 100.0
+    val, pct = _plain_float(answer)
+    if val is None:
+        parsed = _mv_parse(answer)
+        if not parsed:
+            return "parse_error"
+        val = _sympy_float(_strip_pct(parsed[0]))
+        pct = pct or _is_pct(parsed[0])
+    if val is None:
+        return "wrong"
+    candidates = (val, val / 100.0) if pct else (val,)
+    if ref_pct:  # reference "12%": accept 12% and 0.12 (val) and a bare 12
+        candidates = candidates + (val / 100.0,)
+    return "correct" if any(_close(c, ref_val) for c in candidates) else "wrong"
+
+
+def _first(parsed: list) -> Any:
+    return parsed[0] if parsed else None
+
+
+def _is_pct(expr: Any) -> bool:
+    try:
+        import sympy
+
+        return (
+            isinstance(expr, sympy.Mul)
+            and len(expr.args) == 2
+            and expr.args[1] == sympy.UnevaluatedExpr(sympy.Rational(1, 100))
+        )
+    except Exception:
+        return False
+
+
+def _strip_pct(expr: Any) -> Any:
+    return expr.args[0] if _is_pct(expr) else expr
+
+
+def _score_math(answer: str, ref: str) -> str:
+    gold = _gold(ref)
+    if not gold:
+        # Reference math-verify cannot read (plain words etc.): case-insensitive text match.
+        a = _canon(_unwrap_text(answer)).lower()
+        r = _canon(_unwrap_text(ref)).lower()
+        return "correct" if a and a == r else "wrong"
+    pred = _mv_parse(answer)
+    if not pred:
+        return "parse_error"
+    return "correct" if _mv_verify(gold, pred) else "wrong"
+
+
+# ----------------------------------------------------------------------------- worker pool
+Item = Any  # (response, reference[, answer_type[, finished]]) or a dict with those keys
+
+
+def _unpack(item: Item) -> tuple[Any, Any, str | None, bool]:
+    if isinstance(item, dict):
+        return (
+            item.get("response"),
+            item.get("reference"),
+            item.get("answer_type"),
+            bool(item.get("finished", True)),
+        )
+    item = tuple(item)
+    response, reference = item[0], item[1]
+    answer_type = item[2] if len(item) > 2 else None
+    finished = bool(item[3]) if len(item) > 3 else True
+    return response, reference, answer_type, finished
+
+
+def _score_item(score_fn: Callable[..., RewardResult], item: Item, timeout_s: float | None) -> RewardResult:
+    response, reference, answer_type, finished = _unpack(item)
+    if score_fn is score:
+        return score(response, reference, answer_type=answer_type, finished=finished, timeout_s=timeout_s)
+    try:
+        return _call_with_time_limit(
+            lambda: score_fn(response, reference, answer_type=answer_type, finished=finished),
+            timeout_s,
+        )
+    except Exception:
+        return _result("error")
+
+
+def _set_memory_limit(extra_mb: int | None) -> None:
+    if not extra_mb:
+        return
+    try:
+        import resource
+
+        with open("/proc/self/statm") as f:
+            current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        limit = current + int(extra_mb) * (1 << 20)
+        _, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except Exception:  # not Linux / not permitted: run without a memory cap
+        pass
+
+
+def _worker_main(conn, score_fn, soft_timeout_s, max_memory_mb) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which closes us
+    _set_memory_limit(max_memory_mb)
+    if score_fn is score:
+        score("\\boxed{\\frac{1}{2}}", "0.5")  # import sympy/antlr and warm caches before "ready"
+    conn.send(("ready", os.getpid()))
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        idx, item = msg
+        try:
+            res = _score_item(score_fn, item, soft_timeout_s)
+        except BaseException:  # noqa: BLE001 - a worker must answer
+            res = _result("error")
+        if not isinstance(res, RewardResult):
+            res = _result("error")
+        try:
+            conn.send((idx, res))
+        except (BrokenPipeError, OSError):
+            return
+
+
+class _Worker:
+    __slots__ = ("proc", "conn", "ready", "idx", "deadline", "born")
+
+    def __init__(self, proc, conn):
+        self.proc = proc
+        self.conn = conn
+        self.ready = False
+        self.idx: int | None = None
+        self.deadline = 0.0
+        self.born = time.monotonic()
+
+
+class RewardPool:
+    """Score reward items in ``num_workers`` worker processes.
+
+    ``score_batch(items)`` returns one :class:`RewardResult` per item, in input order.  An item
+    not answered within ``timeout_s`` seconds of being handed to a worker scores 0 with reason
+    "timeout"; that worker is SIGKILLed and a fresh one started (asynchronously: the batch goes
+    on with the others).  Inside each worker ``score`` also runs under a SIGALRM timer of
+    ``soft_timeout_s`` (default ``0.6 * timeout_s``) which usually ends a slow item without a
+    kill.  A worker that dies scores its item "crashed" and is replaced.  Each worker's address
+    space is capped at its size after start-up + ``max_memory_mb`` (MemoryError -> "error").
+
+    ``mp_context``: "spawn" (default) or "forkserver" — never fork: the trainer has threads and
+    CUDA.  With spawn each worker re-imports the trainer's ``__main__`` module (standard
+    multiprocessing behaviour), then sympy/math-verify: start-up is about 1-3 s per worker, paid
+    once in ``__init__`` (which waits until all are ready unless ``wait_ready=False``) and again
+    for each replacement.  ``num_workers=0`` scores in the calling process (tests, debugging),
+    with the SIGALRM bound only if that is the main thread.
+
+    One ``score_batch`` at a time (a lock serialises calls); it may run in a background thread
+    of the trainer.  ``score_fn`` (a picklable top-level function with ``score``'s signature,
+    minus ``timeout_s``) replaces the reward, e.g. for other tasks or tests.
+    """
+
+    def __init__(
+        self,
+        num_workers: int,
+        timeout_s: float = 10.0,
+        *,
+        soft_timeout_s: float | None = -1.0,
+        max_memory_mb: int | None = 2048,
+        mp_context: str = "spawn",
+        score_fn: Callable[..., RewardResult] | None = None,
+        wait_ready: bool = True,
+        start_timeout_s: float = 120.0,
+    ):
+        if num_workers < 0:
+            raise ValueError("num_workers must be >= 0")
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be > 0")
+        if mp_context not in ("spawn", "forkserver"):
+            raise ValueError("mp_context must be 'spawn' or 'forkserver' (fork is unsafe here)")
+        self.num_workers = num_workers
+        self.timeout_s = float(timeout_s)
+        self.soft_timeout_s = 0.6 * self.timeout_s if soft_timeout_s == -1.0 else soft_timeout_s
+        self.max_memory_mb = max_memory_mb
+        self.start_timeout_s = start_timeout_s
+        self.score_fn = score_fn or score
+        self._ctx = mp.get_context(mp_context)
+        self._lock = threading.Lock()
+        self._workers: list[_Worker] = []
+        self._closed = False
+        self._start_failures = 0
+        # counters for logging
+        self.num_timeouts = 0
+        self.num_crashes = 0
+        self.num_restarts = 0
+        for _ in range(num_workers):
+            self._workers.append(self._spawn())
+        if wait_ready and num_workers:
+            try:
+                self._wait_all_ready()
+            except BaseException:
+                self.close()
+                raise
+
+    # -- lifecycle
+    def _spawn(self) -> _Worker:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(
+            target=_worker_main,
+            args=(child, self.score_fn, self.soft_timeout_s, self.max_memory_mb),
+            daemon=True,
+            name="ovr-reward-worker",
+        )
+        proc.start()
+        child.close()
+        return _Worker(proc, parent)
+
+    def _kill(self, w: _Worker) -> None:
+        try:
+            if w.proc.is_alive():
+                w.proc.kill()
+            w.proc.join(timeout=5)
+        except Exception:
+            pass
+        try:
+            w.conn.close()
+        except Exception:
+            pass
+
+    def _replace(self, w: _Worker) -> None:
+        self._kill(w)
+        i = self._workers.index(w)
+        self._workers[i] = self._spawn()
+        self.num_restarts += 1
+
+    def _wait_all_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout_s
+        while not all(w.ready for w in self._workers):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError("reward workers did not start within %.0f s" % self.start_timeout_s)
+            waiting = [w for w in self._workers if not w.ready]
+            _mp_wait([w.conn for w in waiting] + [w.proc.sentinel for w in waiting], timeout=left)
+            for w in waiting:
+                self._poll_ready(w)
+
+    def _poll_ready(self, w: _Worker) -> None:
+        """Handle a not-yet-ready worker: consume its 'ready', or replace it if it died."""
+        try:
+            if w.conn.poll():
+                msg = w.conn.recv()
+                if isinstance(msg, tuple) and msg and msg[0] == "ready":
+                    w.ready = True
+                    self._start_failures = 0
+                return
+        except (EOFError, OSError):
+            pass
+        if not w.proc.is_alive() or time.monotonic() - w.born > self.start_timeout_s:
+            self._start_failures += 1
+            if self._start_failures > 3 * max(1, self.num_workers):
+                raise RuntimeError(
+                    "reward workers keep dying during start-up (exit code %s)" % w.proc.exitcode
+                )
+            self._replace(w)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for w in self._workers:
+            try:
+                w.conn.send(None)
+            except Exception:
+                pass
+        deadline = time.monotonic() + 2.0
+        for w in self._workers:
+            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            self._kill(w)
+        self._workers = []
+
+    def __enter__(self) -> "RewardPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- scoring
+    def score_batch(self, items: Sequence[Item] | Iterable[Item]) -> list[RewardResult]:
+        items = list(items)
+        if self._closed:
+            raise RuntimeError("RewardPool is closed")
+        if self.num_workers == 0:
+            return [_score_item(self.score_fn, it, self.timeout_s) for it in items]
+        with self._lock:
+            return self._score_batch(items)
+
+    def _prepare(self, item: Item) -> tuple:
+        response, reference, answer_type, finished = _unpack(item)
+        if isinstance(response, str) and len(response) > MAX_RESPONSE_CHARS:
+            response = response[-MAX_RESPONSE_CHARS:]  # do not pickle 10 MB through a pipe
+        if not finished:
+            response = ""
+        return (response, reference, answer_type, finished)
+
+    def _score_batch(self, items: list) -> list[RewardResult]:
+        n = len(items)
+        results: list[RewardResult | None] = [None] * n
+        pending = deque(range(n))
+        done = 0
+        while done < n:
+            # hand out work
+            for w in self._workers:
+                if not pending:
+                    break
+                if w.ready and w.idx is None:
+                    idx = pending.popleft()
+                    try:
+                        w.conn.send((idx, self._prepare(items[idx])))
+                    except (BrokenPipeError, OSError, EOFError):
+                        pending.appendleft(idx)
+                        self._replace(w)
+                        continue
+                    except Exception:  # unpicklable item
+                        results[idx] = _result("error")
+                        done += 1
+                        continue
+                    w.idx = idx
+                    w.deadline = time.monotonic() + self.timeout_s
+            if done >= n:
+                break
+            busy = [w for w in self._workers if w.idx is not None]
+            starting = [w for w in self._workers if not w.ready]
+            now = time.monotonic()
+            wait_s = min([w.deadline - now for w in busy], default=1.0)
+            wait_s = max(0.0, min(wait_s, 1.0))
+            watched = busy + starting
+            _mp_wait([w.conn for w in watched] + [w.proc.sentinel for w in watched], timeout=wait_s)
+            for w in starting:
+                self._poll_ready(w)
+            now = time.monotonic()
+            for w in busy:
+                idx = w.idx
+                got = None
+                try:
+                    if w.conn.poll():
+                        msg = w.conn.recv()
+                        if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == idx:
+                            got = msg[1]
+                except (EOFError, OSError):
+                    got = None
+                    if results[idx] is None:
+                        results[idx] = _result("crashed")
+                        self.num_crashes += 1
+                        done += 1
+                    w.idx = None
+                    self._replace(w)
+                    continue
+                if got is not None:
+                    results[idx] = got
+                    done += 1
+                    w.idx = None
+                elif not w.proc.is_alive():
+                    results[idx] = _result("crashed")
+                    self.num_crashes += 1
+                    done += 1
+                    w.idx = None
+                    self._replace(w)
+                elif now >= w.deadline:
+                    results[idx] = _result("timeout")
+                    self.num_timeouts += 1
+                    done += 1
+                    w.idx = None
+                    self._replace(w)
+        return results  # type: ignore[return-value]
