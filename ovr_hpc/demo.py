@@ -1,10 +1,12 @@
 """`ovr-hpc demo`: the tiny two-stage pipeline on this machine, end to end, with a report.
 
-1. a tiny Qwen2.5-VL (random init, real architecture) and synthetic arithmetic word problems;
-2. greedy accuracy on held-out problems before training;
-3. the cold start through the real trainer, as 2 local ranks (DeepSpeed ZeRO-3 on gloo);
-4. export the checkpoint to a Hugging Face model and measure held-out accuracy again;
-5. DIR/report.json and DIR/coldstart_loss.png.
+1. a tiny Qwen2.5-VL (random init, real architecture) and synthetic data: arithmetic word problems,
+   and a colour question whose colour is named in the text (cold start) or only shown in a picture (RL);
+2. cold start: greedy held-out accuracy, training through the real trainer as 2 local ranks
+   (DeepSpeed ZeRO-3 on gloo), export, held-out accuracy again;
+3. RL: PPO + GAE with a critic on the picture-only colour question, 2 local ranks; held-out reward
+   (greedy) before and after;
+4. DIR/report.json and PNG curves (loss; reward and response length, like the paper's figures).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 
 DEMO_MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384)
 NUM_TRAIN, NUM_HELDOUT = 4000, 200
+RL_STEPS = 30
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -27,24 +30,29 @@ def _config_path(name: str) -> str:
     raise FileNotFoundError(f"configs/tiny/{name} not found next to the package")
 
 
-def heldout_accuracy(model_dir: str, records: list[dict], max_new_tokens: int = 48) -> tuple[float, list[dict]]:
-    """Greedy accuracy with the reward's equivalence check; also returns the scored samples."""
+def heldout_accuracy(model_dir: str, data_file: str, max_new_tokens: int = 48) -> tuple[float, list[dict]]:
+    """Greedy accuracy with the reward's equivalence check, prompts built exactly as in RL."""
     import torch
 
+    from ovr_hpc.config import RLDataConfig
     from ovr_hpc.models.loading import load_processor, load_vlm
+    from ovr_hpc.rl.prompts import load_rl_prompts, to_rollout_prompt
     from ovr_hpc.rl.reward import score
-    from ovr_hpc.rollout.base import Prompt, SamplingParams
+    from ovr_hpc.rollout.base import SamplingParams
     from ovr_hpc.rollout.hf import HFRolloutEngine
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    processor = load_processor(model_dir, 3136, 50176)
-    engine = HFRolloutEngine(load_vlm(model_dir, "float32", "sdpa"), processor, 3136, 50176, batch_size=50)
-    prompts = [Prompt(r["problem"], r.get("images", [])) for r in records]
-    outputs = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=max_new_tokens))
+    data = RLDataConfig(train_files=[data_file], min_pixels=3136, max_pixels=50176)
+    processor = load_processor(model_dir, data.min_pixels, data.max_pixels)
+    prompts, _ = load_rl_prompts(data, processor)
+    engine = HFRolloutEngine(load_vlm(model_dir, "float32", "sdpa"), processor, data.min_pixels, data.max_pixels,
+                             batch_size=50)
+    outputs = engine.generate([to_rollout_prompt(p, data) for p in prompts],
+                              SamplingParams(temperature=0, max_new_tokens=max_new_tokens))
     scored = []
-    for r, (c,) in zip(records, outputs):
-        result = score(c.text, r["answer"], answer_type=r.get("answer_type"), finished=c.finish_reason == "stop")
-        scored.append({"id": r["id"], "response": c.text, "answer": r["answer"], "score": result.score,
+    for p, (c,) in zip(prompts, outputs):
+        result = score(c.text, p.answer, answer_type=p.answer_type, finished=c.finish_reason == "stop")
+        scored.append({"id": p.id, "response": c.text, "answer": p.answer, "score": result.score,
                        "reason": result.reason})
     return sum(s["score"] for s in scored) / len(scored), scored
 
@@ -78,9 +86,7 @@ def run_coldstart(out: str, nprocs: int) -> dict:
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         build_tiny_model(model_dir, seed=0, **DEMO_MODEL)
     train_file = write_arithmetic_sft(os.path.join(out, "data", "coldstart.jsonl"), NUM_TRAIN, seed=0)
-    heldout_file = write_arithmetic_rl(os.path.join(out, "data", "heldout.jsonl"), NUM_HELDOUT, seed=12345)
-    with open(heldout_file) as f:
-        heldout = [json.loads(line) for line in f]
+    heldout = write_arithmetic_rl(os.path.join(out, "data", "heldout_arithmetic.jsonl"), NUM_HELDOUT, seed=12345)
 
     before, _ = heldout_accuracy(model_dir, heldout)
     print(f"[demo] held-out accuracy before the cold start: {before:.3f}")
@@ -111,10 +117,54 @@ def run_coldstart(out: str, nprocs: int) -> dict:
             "seconds": round(seconds, 1), "final_loss": metrics[-1]["loss"], "model": exported}
 
 
+def run_rl(out: str, policy_dir: str, nprocs: int) -> dict:
+    from ovr_hpc.data.synthetic import write_color_rl
+    from ovr_hpc.local import run_local
+    from ovr_hpc.metrics import read_metrics
+
+    train_file = write_color_rl(os.path.join(out, "data", "rl_color.jsonl"), 512, seed=2)
+    heldout = write_color_rl(os.path.join(out, "data", "heldout_color.jsonl"), 96, seed=54321)
+    before, _ = heldout_accuracy(policy_dir, heldout)
+    print(f"[demo] held-out reward before RL: {before:.3f}")
+    run_dir = os.path.join(out, "rl")
+    t0 = time.time()
+    code = run_local("rl", _config_path("rl.yaml"), [
+        f"model.path={policy_dir}", f"data.train_files=[{train_file}]", f"checkpoint.output_dir={run_dir}",
+        "logging.progress_bar=false", f"schedule.max_steps={RL_STEPS}",
+    ], nprocs=nprocs, log_dir=os.path.join(run_dir, "logs"))
+    seconds = time.time() - t0
+    if code != 0:
+        raise RuntimeError(f"RL failed (exit {code}); see {run_dir}/logs")
+    exported = os.path.join(out, "rl_model")
+    if os.path.exists(exported):
+        import shutil
+
+        shutil.rmtree(exported)
+    from ovr_hpc.checkpoint import export_hf
+
+    export_hf(run_dir, exported)
+    after, samples = heldout_accuracy(exported, heldout)
+    print(f"[demo] held-out reward after RL: {after:.3f} ({seconds:.0f} s of RL)")
+    with open(os.path.join(out, "rl_heldout.jsonl"), "w") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    metrics = read_metrics(run_dir)
+    steps = [m["step"] for m in metrics]
+    plot_curve(steps, [m["reward"] for m in metrics], "mean reward (training rollouts)", "Multimodal RL (tiny model)",
+               os.path.join(out, "rl_reward.png"))
+    plot_curve(steps, [m["response_length"] for m in metrics], "mean response length (tokens)",
+               "Multimodal RL (tiny model)", os.path.join(out, "rl_response_length.png"))
+    return {"reward_start": before, "reward_end": after, "steps": steps[-1], "seconds": round(seconds, 1),
+            "train_reward_first": metrics[0]["reward"], "train_reward_last": metrics[-1]["reward"],
+            "model": exported}
+
+
 def run_demo(out: str = "runs/demo", nprocs: int = 2) -> dict:
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
+    t0 = time.time()
     report = {"coldstart": run_coldstart(out, nprocs)}
+    report["rl"] = run_rl(out, report["coldstart"]["model"], nprocs)
+    report["seconds_total"] = round(time.time() - t0, 1)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(f"[demo] wrote {out}/report.json")

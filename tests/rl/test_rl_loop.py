@@ -1,0 +1,157 @@
+"""The RL loop's pieces around the pure maths: micro-batching, the critic, weight sync, whole runs."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+
+from ovr_hpc.data.dataset import IGNORE_INDEX
+from ovr_hpc.rl.trainer import gather_from_positions, scatter_to_positions, token_budget_batches
+from tests.conftest import REPO
+
+RL_CONFIG = os.path.join(REPO, "configs", "tiny", "rl.yaml")
+
+
+def test_token_budget_batches():
+    assert token_budget_batches([3, 4, 2, 9, 1], 7) == [[0, 1], [2], [3], [4]]
+    assert token_budget_batches([], 7) == []
+    assert sorted(i for b in token_budget_batches(list(range(1, 30)), 40) for i in b) == list(range(29))
+
+
+def test_scatter_and_gather_are_inverse():
+    targets = torch.tensor([IGNORE_INDEX, 5, 6, IGNORE_INDEX, IGNORE_INDEX, 7, IGNORE_INDEX])
+    per_sample = [torch.tensor([1.0, 2.0]), torch.tensor([3.0])]
+    flat = scatter_to_positions(per_sample, targets)
+    assert flat.tolist() == [0, 1, 2, 0, 0, 3, 0]
+    assert [t.tolist() for t in gather_from_positions(flat, targets, [2, 1])] == [[1.0, 2.0], [3.0]]
+    with pytest.raises(RuntimeError, match="3 response values for 2 loss positions"):
+        scatter_to_positions(per_sample, targets[:4])
+
+
+def test_critic_learns_a_constant_reward(tiny_model_dir, processor):
+    from ovr_hpc.data.dataset import Collator
+    from ovr_hpc.data.templates import TokenizedSample
+    from ovr_hpc.models.loading import load_critic
+    from ovr_hpc.rl.losses import value_loss
+
+    critic = load_critic(tiny_model_dir, "float32", "sdpa")
+    ids = processor.tokenizer("What is two plus two? The answer is four.")["input_ids"]
+    mb = Collator(processor, 3136, 50176)([TokenizedSample(ids, [(4, len(ids))])])
+    mask = (mb.targets != IGNORE_INDEX).float()
+    opt = torch.optim.Adam(critic.parameters(), lr=3e-3)
+    for _ in range(60):
+        values = critic(**mb.model_inputs())
+        loss, _ = value_loss(values, values.detach(), torch.full_like(values, 0.7), mask, clip_eps=None)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    final = critic(**mb.model_inputs())[mask.bool()]
+    assert (final - 0.7).abs().max() < 0.05
+
+
+def test_weight_sync_serves_the_updated_policy(tiny_model_dir, processor, monkeypatch):
+    """After an optimizer step, the rollout engine holds exactly the trainer's new weights."""
+    from ovr_hpc import dist
+    from ovr_hpc.config import OptimizerConfig, RLParallelConfig, ScheduleConfig
+    from ovr_hpc.engines.deepspeed import DeepSpeedEngine
+    from ovr_hpc.local import free_port
+    from ovr_hpc.models.loading import TokenLogprobs, load_vlm
+    from ovr_hpc.rollout.base import Prompt, SamplingParams
+    from ovr_hpc.rollout.hf import HFRolloutEngine
+
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(k, raising=False)
+    if not torch.distributed.is_initialized():
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    dist.init_distributed()
+    model = load_vlm(tiny_model_dir, "float32", "sdpa")
+    engine = DeepSpeedEngine(TokenLogprobs(model), RLParallelConfig(zero_stage=2), OptimizerConfig(lr=5e-2),
+                             "float32", 1, 10, ScheduleConfig(kind="constant"), grad_accum_steps=None,
+                             external_params=(model.lm_head.weight,))
+    rollout = HFRolloutEngine(load_vlm(tiny_model_dir, "float32", "sdpa"), processor, 3136, 50176)
+    prompt = [Prompt("Say something.")]
+    before = rollout.generate(prompt, SamplingParams(temperature=0, max_new_tokens=8))[0][0].token_ids
+
+    from ovr_hpc.data.dataset import Collator
+    from ovr_hpc.data.templates import TokenizedSample
+
+    ids = processor.tokenizer("one two three four")["input_ids"]
+    mb = Collator(processor, 3136, 50176)([TokenizedSample(ids, [(1, len(ids))])])
+    logprobs, _ = engine.module(**mb.model_inputs())
+    engine.backward(-logprobs.sum(), last=True)
+    engine.step()
+
+    rollout.load_weights(engine.iter_full_params())
+    trained = dict(engine.engine.module.named_parameters())
+    for name, p in rollout.model.named_parameters():
+        assert torch.equal(p, trained[f"model.{name}"]), name
+    after = rollout.generate(prompt, SamplingParams(temperature=0, max_new_tokens=8))[0][0].token_ids
+    assert after != before
+
+
+# ----------------------------------------------------------------------------- whole runs (2 gloo ranks)
+
+def _rl_overrides(model_dir, data, out, *extra):
+    return [f"model.path={model_dir}", f"data.train_files=[{data}]", f"checkpoint.output_dir={out}",
+            "logging.progress_bar=false", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
+            "rollout.max_response_len=[[0,6],[3,8]]", "algorithm.critic_updates_per_step=2",
+            "algorithm.reward_workers=1", "checkpoint.every_steps=100", *extra]
+
+
+@pytest.fixture
+def color_file(tmp_path):
+    from ovr_hpc.data.synthetic import write_color_rl
+
+    return write_color_rl(str(tmp_path / "color.jsonl"), 24, seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("zero_stage", [3])
+def test_rl_stop_and_resume_is_exact(tiny_model_dir, color_file, tmp_path, zero_stage):
+    import signal
+
+    from ovr_hpc.local import start_ranks, wait_ranks
+    from ovr_hpc.metrics import read_metrics
+
+    full, half = str(tmp_path / "full"), str(tmp_path / "half")
+    extra = ["schedule.max_steps=5", f"parallel.zero_stage={zero_stage}"]
+    assert wait_ranks(start_ranks("rl", RL_CONFIG, _rl_overrides(tiny_model_dir, color_file, full, *extra), 2,
+                                  os.path.join(full, "logs"))) == 0
+    procs = start_ranks("rl", RL_CONFIG, _rl_overrides(tiny_model_dir, color_file, half, *extra), 2,
+                        os.path.join(half, "logs"))
+    deadline = time.time() + 600
+    while time.time() < deadline and not (os.path.exists(os.path.join(half, "metrics.jsonl"))
+                                          and len(read_metrics(half)) >= 2):
+        time.sleep(0.1)
+    procs[0].send_signal(signal.SIGUSR1)
+    assert wait_ranks(procs) == 75
+    state = json.load(open(os.path.join(half, "checkpoints", "latest", "train_state.json")))
+    assert 2 <= state["step"] < 5 and os.path.isdir(os.path.join(half, "checkpoints", "latest", "critic"))
+    assert wait_ranks(start_ranks("rl", RL_CONFIG, _rl_overrides(tiny_model_dir, color_file, half, *extra), 2,
+                                  os.path.join(half, "logs"))) == 0
+    keys = ["reward", "response_length", "policy/pg_loss", "critic/vf_loss", "max_response_len"]
+    a = [[m[k] for k in keys] for m in read_metrics(full)]
+    b = [[m[k] for k in keys] for m in read_metrics(half)]
+    assert a == b and len(a) == 5
+    assert [m["max_response_len"] for m in read_metrics(full)] == [6, 6, 6, 8, 8]
+
+
+@pytest.mark.slow
+def test_rl_grpo_single_process(tiny_model_dir, color_file, tmp_path, monkeypatch):
+    from ovr_hpc.cli import run_stage
+    from ovr_hpc.local import free_port
+    from ovr_hpc.metrics import read_metrics
+
+    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(k, raising=False)
+    if not torch.distributed.is_initialized():
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    out = str(tmp_path / "grpo")
+    assert run_stage("rl", RL_CONFIG, _rl_overrides(tiny_model_dir, color_file, out, "algorithm.advantage=grpo",
+                                                     "schedule.max_steps=2", "parallel.zero_stage=2")) == 0
+    m = read_metrics(out)
+    assert len(m) == 2 and "critic/vf_loss" not in m[0] and m[0]["rollout_logprob_gap_max"] < 1e-4
+    assert not os.path.isdir(os.path.join(out, "checkpoints", "latest", "critic"))
