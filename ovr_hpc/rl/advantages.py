@@ -190,7 +190,10 @@ def grpo_advantages(
             std = r.std(dim=1, keepdim=True, unbiased=True)
         else:
             std = torch.zeros_like(mean)
-        centered = centered / (std + eps)
+        denom = std + eps
+        # all-equal group: centered is 0; keep it 0 even with eps=0 (no 0/0)
+        centered = torch.where(denom > 0, centered / torch.where(denom > 0, denom, torch.ones_like(denom)),
+                               torch.zeros_like(centered))
     return centered.reshape(rewards.shape)
 
 

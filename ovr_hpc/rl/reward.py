@@ -19,7 +19,8 @@ Comparison by ``answer_type``
   spell the letter "B", "(B)", "[B]", "B.", "B)", "B:", "option B", "Answer: (B)",
   "\\text{B}", "\\textbf{(B)}", "B: <choice text>", "(B) <choice text>"; a lowercase lone
   letter ("b") counts too.  Several letters ("A, C", "AC") are compared as a set when the
-  reference also names several.  If the reference is not a letter, falls back to math.
+  reference also names several.  With a declared choice type the reference may carry the
+  option text ("B. 12 cm"); if it names no letter at all, falls back to math.
 * ``"number"`` / ``"numeric"`` / ``"float"``: numbers with tolerance
   ``|pred - ref| <= max(REL_TOL * |ref|, ABS_TOL)`` with ``REL_TOL = 1e-4`` (relative to the
   reference) and ``ABS_TOL = 1e-8``.  A response percentage "50%" matches both 50 and 0.5.
@@ -42,8 +43,10 @@ Safety
 * Time bound in-process: ``score(..., timeout_s=5.0)`` arms a SIGALRM interval timer when
   called from the main thread (math-verify's own signal timeouts are switched off: they need
   the main thread, take whole seconds and report a timeout as a plain "wrong").  A signal
-  cannot interrupt one long C call (a huge big-integer power), so the hard bound is the
-  :class:`RewardPool`, which kills the worker.  Off the main thread ``score`` has no timer.
+  cannot interrupt one long C call (a huge big-integer operation inside sympy), so the hard
+  bound is the :class:`RewardPool`, which kills the worker.  Off the main thread ``score`` has
+  no timer.
+* Reason codes: see :data:`REASONS`.
 """
 
 from __future__ import annotations
@@ -331,6 +334,7 @@ _TOWER_RES = (
     re.compile(r"!\)+!"),  # (n!)!
     re.compile(r"\\exp\s*\{?\(?\s*\\exp"),  # exp(exp(..
     re.compile(r"\^\{[^{}]*!"),  # 2^{(12)!}
+    re.compile(r"\(\d+\^\{?\d{3,}\}?\)\^\{?\(?\d{3,}"),  # (2^{9999})^{9999}
 )
 _BIG_LITERAL_RE = re.compile(r"\d{7,}")
 # With a 7+ digit literal around, these make sympy build astronomically large integers in
@@ -360,7 +364,7 @@ def _too_complex(s: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- multiple choice
-_CHOICE_TYPES = {"multiple_choice", "multiple-choice", "choice", "mc", "mcq", "option", "options", "letter"}
+_CHOICE_TYPES = {"multiple_choice", "choice", "mc", "mcq", "option", "options", "letter"}
 _CHOICE_TYPES |= {"multi_choice", "multichoice", "multiple_choices"}
 _NUMBER_TYPES = {"number", "numeric", "numerical", "float", "real"}
 # Explicitly "math": never reinterpreted as a letter even when the reference is one capital.
@@ -602,10 +606,13 @@ def _score_impl(response: Any, reference: Any, answer_type: str | None) -> Rewar
     if not answer:
         return _result("empty_boxed", raw)
 
-    kind = (answer_type or "").strip().lower().replace(" ", "_")
+    kind = answer_type.strip().lower().replace(" ", "_").replace("-", "_") if isinstance(answer_type, str) else ""
     infer = kind not in _NUMBER_TYPES and kind not in _MATH_TYPES
     if kind in _CHOICE_TYPES or (infer and _choice_letters(ref, strict=True)):
-        ref_letters = _choice_letters(ref, strict=True) or _multi_letter_reference(ref)
+        if kind in _CHOICE_TYPES:  # declared choice: the reference may carry the option text
+            ref_letters = _choice_letters(ref) or _multi_letter_reference(ref)
+        else:
+            ref_letters = _choice_letters(ref, strict=True)
         if ref_letters:
             got = _choice_letters(answer)
             return _result("correct" if got == ref_letters else "wrong", raw)
@@ -735,8 +742,9 @@ def _set_memory_limit(extra_mb: int | None) -> None:
 def _worker_main(conn, score_fn, soft_timeout_s, max_memory_mb) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which closes us
     _set_memory_limit(max_memory_mb)
-    if score_fn is score:
-        score("\\boxed{\\frac{1}{2}}", "0.5")  # import sympy/antlr and warm caches before "ready"
+    # Import sympy/antlr and warm the caches before "ready" (also for a custom score_fn, which
+    # usually wraps ``score``), so that no item's time limit pays the ~1 s import.
+    score("\\boxed{\\frac{1}{2}}", "0.5", timeout_s=None)
     conn.send(("ready", os.getpid()))
     while True:
         try:
