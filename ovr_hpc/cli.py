@@ -77,7 +77,7 @@ def _synth_data(args) -> int:
     from ovr_hpc.data import synthetic
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write = {"sft": synthetic.write_arithmetic_sft, "rl": synthetic.write_arithmetic_rl,
+    write = {"sft": synthetic.write_coldstart_sft, "rl": synthetic.write_arithmetic_rl,
              "rl-color": synthetic.write_color_rl}[args.kind]
     print(f"wrote {write(args.out, args.n, args.seed)}")
     return 0

@@ -16,7 +16,7 @@ import os
 import time
 
 DEMO_MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384)
-NUM_TRAIN, NUM_HELDOUT = 4000, 200
+NUM_TRAIN, NUM_HELDOUT = 4500, 200
 RL_STEPS = 30
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -76,7 +76,7 @@ def plot_curve(steps: list[int], values: list[float], ylabel: str, title: str, p
 
 def run_coldstart(out: str, nprocs: int) -> dict:
     from ovr_hpc.checkpoint import export_hf
-    from ovr_hpc.data.synthetic import write_arithmetic_rl, write_arithmetic_sft
+    from ovr_hpc.data.synthetic import write_arithmetic_rl, write_coldstart_sft
     from ovr_hpc.local import run_local
     from ovr_hpc.metrics import read_metrics
     from ovr_hpc.models.tiny import build_tiny_model
@@ -85,7 +85,7 @@ def run_coldstart(out: str, nprocs: int) -> dict:
     model_dir = os.path.join(out, "tiny_model")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         build_tiny_model(model_dir, seed=0, **DEMO_MODEL)
-    train_file = write_arithmetic_sft(os.path.join(out, "data", "coldstart.jsonl"), NUM_TRAIN, seed=0)
+    train_file = write_coldstart_sft(os.path.join(out, "data", "coldstart.jsonl"), NUM_TRAIN, seed=0)
     heldout = write_arithmetic_rl(os.path.join(out, "data", "heldout_arithmetic.jsonl"), NUM_HELDOUT, seed=12345)
 
     before, _ = heldout_accuracy(model_dir, heldout)

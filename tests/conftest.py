@@ -49,9 +49,9 @@ def write_jsonl(path, records) -> str:
 
 @pytest.fixture
 def arithmetic_file(tmp_path) -> str:
-    from ovr_hpc.data.synthetic import write_arithmetic_sft
+    from ovr_hpc.data.synthetic import write_coldstart_sft
 
-    return write_arithmetic_sft(str(tmp_path / "arith.jsonl"), 64, seed=0)
+    return write_coldstart_sft(str(tmp_path / "arith.jsonl"), 64, seed=0)
 
 
 @pytest.fixture

@@ -64,8 +64,8 @@ def _user(text: str) -> str:
 
 
 def sft_record(rng: random.Random, i: int) -> dict:
-    """Arithmetic (3 in 4) or the colour question with the colour named in the text."""
-    if rng.random() < 0.75:
+    """Arithmetic (85%) or the colour question with the colour named in the text (15%)."""
+    if rng.random() < 0.85:
         q, r, ans = arithmetic_problem(rng)
         source = "synthetic_arithmetic"
     else:
@@ -90,7 +90,8 @@ def write_jsonl(path: str, records: list[dict]) -> str:
     return path
 
 
-def write_arithmetic_sft(path: str, n: int, seed: int = 0) -> str:
+def write_coldstart_sft(path: str, n: int, seed: int = 0) -> str:
+    """Cold-start records: arithmetic word problems and text-cued colour questions (see sft_record)."""
     rng = random.Random(seed)
     return write_jsonl(path, [sft_record(rng, i) for i in range(n)])
 

@@ -30,6 +30,7 @@ def test_scatter_and_gather_are_inverse():
         scatter_to_positions(per_sample, targets[:4])
 
 
+@pytest.mark.slow
 def test_critic_learns_a_constant_reward(tiny_model_dir, processor):
     from ovr_hpc.data.dataset import Collator
     from ovr_hpc.data.templates import TokenizedSample
