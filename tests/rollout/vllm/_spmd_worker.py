@@ -1,0 +1,44 @@
+"""One rank of the SPMD test (started by test_spmd.py with the torchrun variables set): builds the
+engine inside an already-initialised gloo process group, pushes weights, generates this rank's own
+prompts, pushes another model's weights, generates again; writes what it got to OUT/rank<r>.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main(model_dir: str, other_dir: str, out_dir: str, tp: int, red: str, wide: str) -> None:
+    from ovr_hpc import dist
+    from ovr_hpc.models.loading import load_vlm
+    from ovr_hpc.rollout.base import Prompt, SamplingParams
+    from ovr_hpc.rollout.vllm import VLLMRolloutEngine
+    from tests.rollout.vllm.conftest import ENGINE_ARGS
+    from tests.rollout.vllm.test_spmd import rank_prompts, rank_params
+
+    info = dist.init_distributed()
+    engine = VLLMRolloutEngine(model_dir, tensor_parallel_size=tp, **ENGINE_ARGS)
+    prompts = [Prompt(**p) for p in rank_prompts(info.rank, red, wide)]
+    result = {"group": engine.group_index, "groups": engine.num_groups}
+
+    engine.load_weights(load_vlm(model_dir, "float32", "sdpa").state_dict().items())
+    sampled = engine.generate(prompts, SamplingParams(**rank_params(info.rank)))
+    result["sampled"] = [[(c.prompt_ids, c.token_ids, c.logprobs, c.finish_reason) for c in g] for g in sampled]
+
+    # a rank with nothing to generate still takes part
+    if info.rank == 1:
+        assert engine.generate([], SamplingParams(**rank_params(info.rank))) == []
+    else:
+        engine.generate(prompts[:1], SamplingParams(**rank_params(info.rank)))
+
+    engine.load_weights(load_vlm(other_dir, "float32", "sdpa").state_dict().items())
+    greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=8))
+    result["greedy_other"] = [g[0].token_ids for g in greedy]
+    with open(os.path.join(out_dir, f"rank{info.rank}.json"), "w") as f:
+        json.dump(result, f)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], sys.argv[6])
