@@ -12,7 +12,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 export DS_BUILD_OPS := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test install install-test slurm-up slurm-down bench clean
+.PHONY: demo test eval install install-test slurm-up slurm-down bench clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,13 @@ install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/ovr-hpc demo --out runs/demo
+
+# make eval: the demo's RL model through `ovr-hpc eval`, keyword behaviours, plots of both runs (after make demo)
+eval: $(VENV)/.installed
+	$(VENV)/bin/ovr-hpc eval configs/tiny/eval.yaml model.path=runs/demo/rl_model output_dir=runs/demo/eval_tiny \
+		'benchmarks=[{name: records, path: runs/demo/data/heldout_color.jsonl, label: heldout_color}, {name: records, path: runs/demo/data/heldout_arithmetic.jsonl, label: heldout_arithmetic}]'
+	$(VENV)/bin/ovr-hpc behaviors runs/demo/eval_tiny/heldout_color/samples.jsonl --keyword
+	$(VENV)/bin/ovr-hpc plot runs/demo --out runs/demo/plots
 
 # The Slurm tests need a cluster: start the local one where this machine can (root and apt-get);
 # elsewhere tests/cluster/ skips with the reason.

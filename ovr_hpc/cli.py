@@ -1,6 +1,9 @@
 """`ovr-hpc` command line: parse, validate the config, call one entry point.
 
     ovr-hpc coldstart|rl CONFIG [key=value ...]   train (one process per rank: srun / torchrun / submitit)
+    ovr-hpc eval CONFIG [key=value ...]           evaluate a model or checkpoint on benchmarks (ranks split them)
+    ovr-hpc behaviors RESPONSES.jsonl [options]   cognitive behaviours in eval responses (judge or --keyword)
+    ovr-hpc plot RUN_DIR [RUN_DIR ...]            training curves, behaviour rates over checkpoints (PNGs)
     ovr-hpc check STAGE CONFIG [key=value ...]    validate a config and print it resolved (no torch import)
     ovr-hpc submit STAGE CONFIG [options] [key=value ...]   submit through submitit
     ovr-hpc data check FILE [FILE ...]            report malformed records without training
@@ -16,9 +19,11 @@ import argparse
 import os
 import sys
 
+import ovr_hpc.eval.config  # noqa: F401 - registers the "eval" stage (no torch import)
 from ovr_hpc.config import ConfigError, dump_config, load_config
 
 TRAIN_STAGES = ("coldstart", "rl")
+STAGES = TRAIN_STAGES + ("eval",)
 
 
 def run_stage(stage: str, config_path: str, overrides: list[str]) -> int:
@@ -28,6 +33,8 @@ def run_stage(stage: str, config_path: str, overrides: list[str]) -> int:
         from ovr_hpc.sft.trainer import train
     elif stage == "rl":
         from ovr_hpc.rl.trainer import train
+    elif stage == "eval":
+        from ovr_hpc.eval.runner import run_eval as train
     else:  # pragma: no cover - guarded by load_config
         raise ConfigError(f"stage {stage!r} has no trainer")
     result = train(config)
@@ -95,11 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovr-hpc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    for stage in TRAIN_STAGES:
+    for stage in STAGES:
         p = sub.add_parser(stage, help=f"run the {stage} stage on this rank")
         p.add_argument("config")
         p.add_argument("overrides", nargs="*", help="key.sub=value")
         p.set_defaults(func=lambda a, s=stage: run_stage(s, a.config, a.overrides))
+
+    from ovr_hpc.eval.commands import add_parsers as add_eval_parsers
+
+    add_eval_parsers(sub)  # behaviors, plot
 
     p = sub.add_parser("check", help="validate a config (no torch import) and print it resolved")
     p.add_argument("stage")

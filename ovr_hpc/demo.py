@@ -15,6 +15,8 @@ import json
 import os
 import time
 
+from ovr_hpc.eval.plots import plot_series
+
 DEMO_MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384)
 NUM_TRAIN, NUM_HELDOUT = 4500, 200
 RL_STEPS = 30
@@ -31,47 +33,34 @@ def _config_path(name: str) -> str:
 
 
 def heldout_accuracy(model_dir: str, data_file: str, max_new_tokens: int = 48) -> tuple[float, list[dict]]:
-    """Greedy accuracy with the reward's equivalence check, prompts built exactly as in RL."""
+    """Greedy accuracy through `ovr-hpc eval` (prompts built exactly as in RL, the reward's equivalence
+    check); also returns the scored samples. Results: <model_dir's folder>/eval/<model>/<data file stem>/."""
+    import shutil
+
     import torch
 
-    from ovr_hpc.config import RLDataConfig
-    from ovr_hpc.models.loading import load_processor, load_vlm
-    from ovr_hpc.rl.prompts import load_rl_prompts, to_rollout_prompt
-    from ovr_hpc.rl.reward import score
-    from ovr_hpc.rollout.base import SamplingParams
-    from ovr_hpc.rollout.hf import HFRolloutEngine
+    from ovr_hpc.eval.config import (BenchmarkSpec, EvalConfig, EvalModelConfig, EvalRolloutConfig,
+                                     SamplingConfig, ScoringConfig)
+    from ovr_hpc.eval.runner import run_eval
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    data = RLDataConfig(train_files=[data_file], min_pixels=3136, max_pixels=50176)
-    processor = load_processor(model_dir, data.min_pixels, data.max_pixels)
-    prompts, _ = load_rl_prompts(data, processor)
-    engine = HFRolloutEngine(load_vlm(model_dir, "float32", "sdpa"), processor, data.min_pixels, data.max_pixels,
-                             batch_size=50)
-    outputs = engine.generate([to_rollout_prompt(p, data) for p in prompts],
-                              SamplingParams(temperature=0, max_new_tokens=max_new_tokens))
-    scored = []
-    for p, (c,) in zip(prompts, outputs):
-        result = score(c.text, p.answer, answer_type=p.answer_type, finished=c.finish_reason == "stop")
-        scored.append({"id": p.id, "response": c.text, "answer": p.answer, "score": result.score,
-                       "reason": result.reason})
-    return sum(s["score"] for s in scored) / len(scored), scored
-
-
-def plot_curve(steps: list[int], values: list[float], ylabel: str, title: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, values)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    label = os.path.splitext(os.path.basename(data_file))[0]
+    model_dir = os.path.abspath(model_dir)
+    out_dir = os.path.join(os.path.dirname(model_dir), "eval", os.path.basename(model_dir))
+    shutil.rmtree(os.path.join(out_dir, label), ignore_errors=True)  # a rerun of the demo retrains: no old answers
+    cfg = EvalConfig(
+        model=EvalModelConfig(path=model_dir, dtype="float32", attn_implementation="sdpa"),
+        benchmarks=[BenchmarkSpec(name="records", path=data_file, label=label)],
+        output_dir=out_dir,
+        sampling=SamplingConfig(n=1, temperature=0.0, max_new_tokens=max_new_tokens),
+        rollout=EvalRolloutConfig(engine="hf", batch_size=50, min_pixels=3136, max_pixels=50176),
+        scoring=ScoringConfig(num_workers=0),
+    )
+    cfg.validate()
+    result = run_eval(cfg)
+    with open(os.path.join(out_dir, label, "samples.jsonl")) as f:
+        scored = [json.loads(line) for line in f]
+    return result["results"][label]["accuracy"], scored
 
 
 def run_coldstart(out: str, nprocs: int) -> dict:
@@ -111,8 +100,9 @@ def run_coldstart(out: str, nprocs: int) -> dict:
     with open(os.path.join(out, "coldstart_heldout.jsonl"), "w") as f:
         f.writelines(json.dumps(s) + "\n" for s in samples)
     metrics = read_metrics(run_dir)
-    plot_curve([m["step"] for m in metrics], [m["loss"] for m in metrics], "loss (per assistant token)",
-               "Linguistic cold start (tiny model)", os.path.join(out, "coldstart_loss.png"))
+    plot_series({"cold start": ([m["step"] for m in metrics], [m["loss"] for m in metrics])},
+                "loss (per assistant token)", "Linguistic cold start (tiny model)",
+                os.path.join(out, "coldstart_loss.png"))
     return {"heldout_accuracy_before": before, "heldout_accuracy_after": after, "steps": metrics[-1]["step"],
             "seconds": round(seconds, 1), "final_loss": metrics[-1]["loss"], "model": exported}
 
@@ -149,10 +139,10 @@ def run_rl(out: str, policy_dir: str, nprocs: int) -> dict:
         f.writelines(json.dumps(s) + "\n" for s in samples)
     metrics = read_metrics(run_dir)
     steps = [m["step"] for m in metrics]
-    plot_curve(steps, [m["reward"] for m in metrics], "mean reward (training rollouts)", "Multimodal RL (tiny model)",
-               os.path.join(out, "rl_reward.png"))
-    plot_curve(steps, [m["response_length"] for m in metrics], "mean response length (tokens)",
-               "Multimodal RL (tiny model)", os.path.join(out, "rl_response_length.png"))
+    plot_series({"RL": (steps, [m["reward"] for m in metrics])}, "mean reward (training rollouts)",
+                "Multimodal RL (tiny model)", os.path.join(out, "rl_reward.png"))
+    plot_series({"RL": (steps, [m["response_length"] for m in metrics])}, "mean response length (tokens)",
+                "Multimodal RL (tiny model)", os.path.join(out, "rl_response_length.png"))
     return {"reward_start": before, "reward_end": after, "steps": steps[-1], "seconds": round(seconds, 1),
             "train_reward_first": metrics[0]["reward"], "train_reward_last": metrics[-1]["reward"],
             "model": exported}
@@ -165,6 +155,9 @@ def run_demo(out: str = "runs/demo", nprocs: int = 2) -> dict:
     report = {"coldstart": run_coldstart(out, nprocs)}
     report["rl"] = run_rl(out, report["coldstart"]["model"], nprocs)
     report["seconds_total"] = round(time.time() - t0, 1)
+    from ovr_hpc.eval.plots import plot_runs
+
+    report["plots"] = plot_runs([os.path.join(out, "coldstart"), os.path.join(out, "rl")], os.path.join(out, "plots"))
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(f"[demo] wrote {out}/report.json")

@@ -35,6 +35,7 @@ import sys
 import time as _time
 from typing import Any, Sequence
 
+import ovr_hpc.eval.config  # noqa: F401 - registers the "eval" stage for submit() called from Python
 from ovr_hpc.config import ConfigError, load_config
 from ovr_hpc.dist import EXIT_REQUEUE, slurm_master_port
 
@@ -301,9 +302,8 @@ def submit(
     overrides = list(overrides)
     cfg = load_config(stage, config, overrides)
     tasks = tasks_per_node if tasks_per_node is not None else max(1, gpus_per_node)
-    parallel = getattr(cfg, "parallel", None)
-    if parallel is not None and hasattr(parallel, "validate_world"):
-        parallel.validate_world(nodes * tasks)
+    if hasattr(cfg, "validate_world"):  # checks that need the number of ranks
+        cfg.validate_world(nodes * tasks)
     executor = make_executor(
         folder, cluster, max_requeues, stage=stage, nodes=nodes, gpus_per_node=gpus_per_node,
         tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task, mem_gb=mem_gb, partition=partition,
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: ovr-hpc submit coldstart configs/qwen25vl_7b/coldstart.yaml --nodes 4 --time 2-00:00:00 "
         "optimizer.lr=1e-5",
     )
-    p.add_argument("stage", help="coldstart (later: rl, eval)")
+    p.add_argument("stage", help="coldstart, rl or eval")
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     p.add_argument("--nodes", type=int, default=1)

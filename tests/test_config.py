@@ -66,13 +66,10 @@ def test_yaml_errors(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml"))))
 def test_shipped_configs_validate(path):
-    from ovr_hpc.config import STAGES
+    import ovr_hpc.cli  # noqa: F401 - registers every stage, eval included
 
     stage = os.path.splitext(os.path.basename(path))[0]
-    if stage not in STAGES:
-        pytest.skip(f"stage {stage} not registered in this build")
-    cfg = load_config(stage, path)
-    assert cfg.model.path if hasattr(cfg, "model") else True
+    load_config(stage, path)
 
 
 def test_check_cli_rejects_fast():

@@ -187,6 +187,8 @@ def train(cfg: RLConfig) -> dict:
         batch.rewards = [r.score for r in results]
         batch.reasons = [r.reason for r in results]
         times["reward"] = time.perf_counter() - t
+        if info.is_main:  # a few responses per step, the first thing to read when rewards look wrong
+            log_samples(out_dir, step + 1, mine, completions, results, ro.samples_per_prompt)
 
         # ---- 3. micro-batches (same count on every rank) and old log-probs / values
         t = time.perf_counter()
@@ -305,6 +307,19 @@ def train(cfg: RLConfig) -> dict:
     metrics.close()
     dist.barrier()
     return {"status": status, "step": step, "total_steps": total_steps}
+
+
+SAMPLES_PER_STEP_LOGGED = 4
+
+
+def log_samples(out_dir: str, step: int, prompts, completions, results, n: int) -> None:
+    import json
+
+    with open(os.path.join(out_dir, "samples.jsonl"), "a") as f:
+        for k in range(min(SAMPLES_PER_STEP_LOGGED, len(results))):
+            p, c, r = prompts[k // n], completions[k // n][k % n], results[k]
+            f.write(json.dumps({"step": step, "id": p.id, "answer": p.answer, "response": c.text,
+                                "finish_reason": c.finish_reason, "score": r.score, "reason": r.reason}) + "\n")
 
 
 def build_rollout_engine(cfg: RLConfig, processor, info):
