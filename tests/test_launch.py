@@ -305,7 +305,7 @@ SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-} NCCL_DEBUG=$NCCL_DEBUG" >> "$FAKE_LOG
     return fake
 
 
-def run_script(tmp_path, args, job=True, **env_overrides):
+def run_script(tmp_path, args, job=True, script=SCRIPT, **env_overrides):
     fake = _fake_bin(tmp_path)
     log = tmp_path / "calls.log"
     log.write_text("")
@@ -317,7 +317,7 @@ def run_script(tmp_path, args, job=True, **env_overrides):
                    SLURM_NTASKS_PER_NODE="4", SLURM_CPUS_PER_TASK="12", SLURM_GPUS_ON_NODE="8",
                    SLURM_SUBMIT_DIR=REPO)
     env.update({k: str(v) for k, v in env_overrides.items()})
-    proc = subprocess.run(["bash", SCRIPT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["bash", script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     return proc, log.read_text()
 
 
@@ -387,8 +387,21 @@ def test_login_node_run_checks_then_submits(tmp_path):
     assert proc.returncode == 2 and "config error: schedule.kind" in proc.stderr and calls == ""
 
 
+@pytest.mark.parametrize("stage, signal_s", [("rl", 1800), ("eval", 300)])
+def test_later_stages_share_the_machinery(tmp_path, stage, signal_s):
+    script = os.path.join(REPO, "slurm", f"{stage}.sh")
+    directives = [line.split()[1] for line in open(script) if line.startswith("#SBATCH")]
+    assert f"--job-name=ovr-{stage}" in directives and f"--signal=USR1@{signal_s}" in directives
+    assert {"--requeue", "--open-mode=append", "--output=logs/%x-%j.out", "--gpus-per-node=8"} <= set(directives)
+    config = os.path.join(REPO, "configs", "tiny", f"{stage}.yaml")
+    proc, calls = run_script(tmp_path, [config], script=script, FAKE_SRUN_RC=75)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"-m ovr_hpc.cli {stage} {config}" in calls and "requeue 5001" in calls
+
+
 def test_scripts_parse():
-    for path in ("slurm/common.sh", "slurm/coldstart.sh", "scripts/local-slurm/start.sh", "scripts/local-slurm/stop.sh"):
+    for path in ("slurm/common.sh", "slurm/coldstart.sh", "slurm/rl.sh", "slurm/eval.sh", "scripts/local-slurm/start.sh",
+                 "scripts/local-slurm/stop.sh"):
         subprocess.run(["bash", "-n", os.path.join(REPO, path)], check=True)
 
 
@@ -398,9 +411,9 @@ def test_scripts_parse():
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_submit_local_runs_several_processes(tmp_path, tiny_model_dir):
-    from ovr_hpc.data.synthetic import write_arithmetic_sft
+    from ovr_hpc.data.synthetic import write_coldstart_sft
 
-    data = write_arithmetic_sft(str(tmp_path / "data.jsonl"), 200, seed=0)
+    data = write_coldstart_sft(str(tmp_path / "data.jsonl"), 200, seed=0)
     out = tmp_path / "run"
     job = launch.submit(
         "coldstart", TINY,
