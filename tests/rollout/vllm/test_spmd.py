@@ -16,9 +16,10 @@ import torch
 
 from ovr_hpc.rollout.base import Prompt, SamplingParams
 from tests.conftest import REPO
+from tests.rollout.vllm.conftest import needs_two_devices
 from tests.rollout.vllm.test_engine import hf_greedy, reference_logprobs, state_of
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, needs_two_devices()]
 
 
 def rank_prompts(rank: int, red: str, wide: str) -> list[dict]:
