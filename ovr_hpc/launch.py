@@ -81,6 +81,7 @@ class StageTask:
         from ovr_hpc.cli import run_stage
 
         code = run_stage(self.stage, self.config, self.overrides)
+        destroy_process_group()
         if code == EXIT_REQUEUE:
             self._requeue(env)  # never returns
         if code != 0:
@@ -138,6 +139,16 @@ def export_rank_env(cluster: str, rank: int, local_rank: int, world_size: int, n
         if key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE") or key not in os.environ:
             os.environ[key] = exported[key] = value
     return exported
+
+
+def destroy_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to interpreter teardown, gloo's worker
+    threads can abort the process ("terminate called without an active exception", pytorch issue 190489),
+    which would turn a clean exit or a requeue into a crash. A no-op when none is up."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.destroy_process_group()
 
 
 def requeue_refusal(cluster: str, job_id: str, state: str | None = None) -> str | None:

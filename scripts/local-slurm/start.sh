@@ -193,10 +193,7 @@ if ! running /run/mysqld/mysqld.pid; then
   disown || true
 fi
 retry 60 mysqladmin ping || die "mariadb did not start, see /var/log/mariadbd.log"
-if [ "$CLEAN" = 1 ]; then
-  running /run/slurmdbd.pid && OVR_SLURM_KEEP_MUNGE=1 OVR_SLURM_KEEP_DB=0 bash "$HERE/stop.sh"
-  mysql -e "DROP DATABASE IF EXISTS slurm_acct_db;"
-fi
+[ "$CLEAN" = 1 ] && mysql -e "DROP DATABASE IF EXISTS slurm_acct_db;"
 mysql -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY 'ovrlocal';
           GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost'; FLUSH PRIVILEGES;"
 if ! running /run/slurmdbd.pid; then

@@ -23,7 +23,10 @@ def sbatch(args: list[str], env: dict | None = None, cwd: str = REPO) -> str:
 
 
 def in_queue(job_id: str) -> bool:
-    return bool(run(["squeue", "-h", "-j", job_id, "-o", "%T"]).strip())
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=60)
+    if out.returncode and "Invalid job id" not in out.stderr:
+        return True  # the controller did not answer: assume nothing changed
+    return bool(out.stdout.strip())
 
 
 def sacct_states(job_id: str) -> list[str]:
@@ -38,18 +41,19 @@ def steps_of(job_id: str) -> list[str]:
 
 
 def wait_job(job_id: str, timeout: float) -> str:
-    """Wait until the job has left the queue for good; returns its final state from accounting."""
+    """Wait until the job has left the queue for good; returns its final state from accounting.
+
+    A requeue passes through states where the job may briefly be missing from squeue and accounting
+    lags behind the queue, so both must agree: out of the queue, and a final state in sacct."""
     deadline = time.time() + timeout
-    while in_queue(job_id):
+    while True:
+        if not in_queue(job_id):
+            states = sacct_states(job_id)
+            if states and states[-1] in TERMINAL and not in_queue(job_id):
+                return states[-1]
         if time.time() > deadline:
-            raise TimeoutError(f"job {job_id} still in the queue after {timeout:.0f} s")
+            raise TimeoutError(f"job {job_id} not finished after {timeout:.0f} s ({sacct_states(job_id)})")
         time.sleep(1)
-    for _ in range(30):  # accounting may lag behind the queue
-        states = sacct_states(job_id)
-        if states and states[-1] in TERMINAL:
-            return states[-1]
-        time.sleep(1)
-    raise TimeoutError(f"job {job_id}: no final state in sacct ({sacct_states(job_id)})")
 
 
 def metrics(run_dir: str) -> list[dict]:
