@@ -46,7 +46,7 @@ def draw_shape(path: str, color: str, shape: str, rng: random.Random, size: int 
 
     image = Image.new("RGB", (size, size), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    r = rng.randint(size // 5, size // 3)
+    r = rng.randint(size * 3 // 10, size * 9 // 20)  # large: the colour covers most of the visual patches
     cx, cy = rng.randint(r, size - r), rng.randint(r, size - r)
     box = [cx - r, cy - r, cx + r, cy + r]
     if shape == "square":

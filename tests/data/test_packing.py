@@ -102,11 +102,15 @@ def test_packed_row_equals_samples_one_by_one(tiny_model_dir, processor, image_r
 
 
 def test_overlong_samples_are_counted(processor, tiny_model_dir, arithmetic_file, tmp_path):
-    _, dropped = _dataset(arithmetic_file, processor, tiny_model_dir, tmp_path / "a", max_seq_len=60, overlong="drop")
-    _, cut = _dataset(arithmetic_file, processor, tiny_model_dir, tmp_path / "b", max_seq_len=60, overlong="truncate")
-    assert dropped.report.num_dropped_overlong > 0 and dropped.report.num_truncated == 0
+    # samples are 82-101 tokens, their prompts 61-80: at 90 some are cut, each keeps part of its answer
+    _, dropped = _dataset(arithmetic_file, processor, tiny_model_dir, tmp_path / "a", max_seq_len=90, overlong="drop")
+    _, cut = _dataset(arithmetic_file, processor, tiny_model_dir, tmp_path / "b", max_seq_len=90, overlong="truncate")
+    assert 0 < dropped.report.num_dropped_overlong < 64 and dropped.report.num_truncated == 0
     assert cut.report.num_truncated == dropped.report.num_dropped_overlong and len(cut) == 64
-    assert max(cut.lengths) == 60
+    assert max(cut.lengths) == 90
+    # a limit below every prompt leaves nothing to learn: dropped even when truncating, and counted
+    _, none = _dataset(arithmetic_file, processor, tiny_model_dir, tmp_path / "c", max_seq_len=40, overlong="truncate")
+    assert len(none) == 0 and none.report.num_dropped_overlong == 64
 
 
 def test_truncation_never_splits_an_image(processor):
