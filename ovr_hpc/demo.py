@@ -18,7 +18,7 @@ import time
 from ovr_hpc.eval.plots import plot_series
 
 DEMO_MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384)
-NUM_TRAIN, NUM_HELDOUT = 4500, 200
+NUM_TRAIN, NUM_HELDOUT = 5000, 200
 RL_STEPS = 30
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -74,7 +74,7 @@ def run_coldstart(out: str, nprocs: int) -> dict:
     model_dir = os.path.join(out, "tiny_model")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         build_tiny_model(model_dir, seed=0, **DEMO_MODEL)
-    train_file = write_coldstart_sft(os.path.join(out, "data", "coldstart.jsonl"), NUM_TRAIN, seed=0)
+    train_file = write_coldstart_sft(os.path.join(out, "data", "coldstart.jsonl"), NUM_TRAIN, seed=0, captions=True)
     heldout = write_arithmetic_rl(os.path.join(out, "data", "heldout_arithmetic.jsonl"), NUM_HELDOUT, seed=12345)
 
     before, _ = heldout_accuracy(model_dir, heldout)

@@ -2,8 +2,10 @@
 messages; RL: problem/answer):
 - arithmetic word problems with a short chain of thought and a boxed answer (text);
 - a colour question about a shape drawn with PIL (multimodal): the RL prompt shows only the image, so
-  the model must read it; the cold start sees the same question with the colour named in the text,
-  which teaches the answer format but not how to read the picture.
+  the model must read it. The cold start never asks it about a picture: it sees the question with the
+  colour named in the text (the answer format), and pictures only with plain captions ("A red
+  square."), the tiny model's stand-in for the visual pretraining a real Qwen2.5-VL brings. RL has to
+  join the two.
 """
 
 from __future__ import annotations
@@ -63,15 +65,24 @@ def _user(text: str) -> str:
     return f"{text}\n{DEFAULT_INSTRUCTION}"
 
 
-def sft_record(rng: random.Random, i: int) -> dict:
-    """Arithmetic (85%) or the colour question with the colour named in the text (15%)."""
-    if rng.random() < 0.85:
-        q, r, ans = arithmetic_problem(rng)
-        source = "synthetic_arithmetic"
-    else:
+def sft_record(rng: random.Random, i: int, image_dir: str | None = None) -> dict:
+    """Arithmetic (75%), the colour question with the colour named in the text (12.5%), or, with an
+    image_dir, a picture with a plain caption (12.5%; else arithmetic)."""
+    u = rng.random()
+    if u < 0.125 and image_dir is not None:
+        color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
+        name = f"caption-{i}.png"
+        draw_shape(os.path.join(image_dir, name), color, shape, rng)
+        return {"id": f"synthetic_caption-{i}", "source": "synthetic_caption", "images": [f"images/{name}"],
+                "messages": [{"role": "user", "content": "<image>Describe the picture."},
+                             {"role": "assistant", "content": f"A {color} {shape}."}]}
+    if u < 0.25:
         ans, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
         q = f"The {shape} in the picture is {ans}. {COLOR_QUESTION}"
         r, source = f"The {shape} is {ans}.", "synthetic_color_text"
+    else:
+        q, r, ans = arithmetic_problem(rng)
+        source = "synthetic_arithmetic"
     answer = f"<think>{r}</think> The answer is \\boxed{{{ans}}}."
     return {"id": f"{source}-{i}", "source": source,
             "messages": [{"role": "user", "content": _user(q)}, {"role": "assistant", "content": answer}]}
@@ -90,10 +101,14 @@ def write_jsonl(path: str, records: list[dict]) -> str:
     return path
 
 
-def write_coldstart_sft(path: str, n: int, seed: int = 0) -> str:
-    """Cold-start records: arithmetic word problems and text-cued colour questions (see sft_record)."""
+def write_coldstart_sft(path: str, n: int, seed: int = 0, captions: bool = False) -> str:
+    """Cold-start records (see sft_record); caption images go to images/ beside the file."""
     rng = random.Random(seed)
-    return write_jsonl(path, [sft_record(rng, i) for i in range(n)])
+    image_dir = None
+    if captions:
+        image_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "images")
+        os.makedirs(image_dir, exist_ok=True)
+    return write_jsonl(path, [sft_record(rng, i, image_dir) for i in range(n)])
 
 
 def write_arithmetic_rl(path: str, n: int, seed: int = 1) -> str:
