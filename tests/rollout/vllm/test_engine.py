@@ -113,6 +113,20 @@ def test_text_and_image_prompts_n_samples_logprobs(engine, hf_model, processor, 
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in out]
 
 
+def test_more_prompt_tokens_than_one_engine_step(engine, hf_model, images):
+    """48 sequences whose prompts together exceed max_num_batched_tokens (512): several scheduler steps,
+    seeded requests (the CPU build cannot rewind a seeded generator after a partial prefill)."""
+    engine.load_weights(state_of(hf_model))
+    ps = prompts(images) * 4
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=8, seed=2)
+    out = engine.generate(ps, params)
+    assert sum(len(g[0].prompt_ids) for g in out) * 4 > 512
+    assert [len(g) for g in out] == [4] * 12
+    # the same prompt at another place in the batch, with the same seed, samples the same tokens
+    first = engine.generate(ps[:3], params)
+    assert [[c.token_ids for c in g] for g in first] == [[c.token_ids for c in g] for g in out[:3]]
+
+
 def test_greedy_matches_transformers(engine, hf_model, processor, images):
     engine.load_weights(state_of(hf_model))
     ps = prompts(images)
