@@ -67,21 +67,23 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def time_limit_run(slurm_cluster, tiny_inputs, job_env, cancel_leftovers):
-    """Started first: it spends most of its time waiting for Slurm's clock, so it runs beside the others
-    (the cluster fits two of these jobs) and its test, near the end, only collects it."""
+def reference(slurm_cluster, tiny_inputs, job_env, cancel_leftovers):
+    """The uninterrupted run every interrupted one is compared with (it also builds DeepSpeed's JIT ops once)."""
+    run = Run("reference", tiny_inputs, job_env, cancel_leftovers)
+    run.state = run.wait()
+    return run
+
+
+@pytest.fixture(scope="module", autouse=True)
+def time_limit_run(reference, tiny_inputs, job_env, cancel_leftovers):
+    """Started right after the reference run: it spends most of its time waiting for Slurm's clock, so it
+    runs beside the next tests (the cluster fits two of these jobs) and its test, near the end, collects it.
+    (Not beside the reference run: a warning during the first JIT build of DeepSpeed's ops would kill the
+    compiler, which gets the signal too.)"""
     # 2 min limit, warning 40 s before it: Slurm checks every 30 s, so USR1 comes 50-80 s into each run.
     # Six epochs (288 steps, ~85 s of training here) cannot fit before the first warning.
     return Run("time-limit", tiny_inputs, job_env, cancel_leftovers, sbatch_flags=["--time=2", "--signal=USR1@40"],
                extra=["schedule.epochs=6", "checkpoint.every_steps=100"])
-
-
-@pytest.fixture(scope="module")
-def reference(time_limit_run, tiny_inputs, job_env, cancel_leftovers):
-    """The uninterrupted run every interrupted one is compared with."""
-    run = Run("reference", tiny_inputs, job_env, cancel_leftovers)
-    run.state = run.wait()
-    return run
 
 
 def assert_same_training(run, reference):
