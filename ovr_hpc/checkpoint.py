@@ -134,6 +134,21 @@ def save_checkpoint(engines: dict, output_dir: str, step: int, train_state: dict
     return final
 
 
+def end_of_step(step: int, total_steps: int, every_steps: int, stop, save, log) -> str | None:
+    """What a loop does at a step boundary: "completed" after the last step (the caller saves), or
+    "preempted" once every rank agreed on a stop request and the checkpoint is saved, else None (with
+    the periodic save when due). Every rank calls it at the same step."""
+    if step == total_steps:
+        return "completed"
+    if stop.agreed():
+        log(f"stop requested ({stop.signal_name or 'another rank'}): saving at step {step}")
+        save()
+        return "preempted"
+    if step % every_steps == 0:
+        save()
+    return None
+
+
 def load_checkpoint(engines: dict, path: str) -> dict:
     """All ranks call. Restores every engine's state and this rank's RNG; returns the train state."""
     for name, engine in engines.items():

@@ -63,10 +63,28 @@ def heldout_accuracy(model_dir: str, data_file: str, max_new_tokens: int = 48) -
     return result["results"][label]["accuracy"], scored
 
 
-def run_coldstart(out: str, nprocs: int) -> dict:
+def train_and_export(stage: str, model_dir: str, train_file: str, run_dir: str, exported: str, nprocs: int,
+                     overrides: list[str]) -> float:
+    """Run a stage of the tiny config as `nprocs` local ranks, export its model; returns the seconds."""
+    import shutil
+
     from ovr_hpc.checkpoint import export_hf
-    from ovr_hpc.data.synthetic import write_arithmetic_rl, write_coldstart_sft
     from ovr_hpc.local import run_local
+
+    t0 = time.time()
+    code = run_local(stage, _config_path(f"{stage}.yaml"), [
+        f"model.path={model_dir}", f"data.train_files=[{train_file}]", f"checkpoint.output_dir={run_dir}",
+        "logging.progress_bar=false", *overrides], nprocs=nprocs, log_dir=os.path.join(run_dir, "logs"))
+    seconds = time.time() - t0
+    if code != 0:
+        raise RuntimeError(f"{stage} failed (exit {code}); see {run_dir}/logs")
+    shutil.rmtree(exported, ignore_errors=True)
+    export_hf(run_dir, exported)
+    return seconds
+
+
+def run_coldstart(out: str, nprocs: int) -> dict:
+    from ovr_hpc.data.synthetic import write_arithmetic_rl, write_coldstart_sft
     from ovr_hpc.metrics import read_metrics
     from ovr_hpc.models.tiny import build_tiny_model
 
@@ -81,20 +99,9 @@ def run_coldstart(out: str, nprocs: int) -> dict:
     print(f"[demo] held-out accuracy before the cold start: {before:.3f}")
 
     run_dir = os.path.join(out, "coldstart")
-    t0 = time.time()
-    code = run_local("coldstart", _config_path("coldstart.yaml"), [
-        f"model.path={model_dir}", f"data.train_files=[{train_file}]", f"checkpoint.output_dir={run_dir}",
-        "logging.progress_bar=false", "schedule.epochs=4", "parallel.global_batch_size=8",
-    ], nprocs=nprocs, log_dir=os.path.join(run_dir, "logs"))
-    seconds = time.time() - t0
-    if code != 0:
-        raise RuntimeError(f"cold start failed (exit {code}); see {run_dir}/logs")
     exported = os.path.join(out, "coldstart_model")
-    if os.path.exists(exported):
-        import shutil
-
-        shutil.rmtree(exported)
-    export_hf(run_dir, exported)
+    seconds = train_and_export("coldstart", model_dir, train_file, run_dir, exported, nprocs,
+                               ["schedule.epochs=4", "parallel.global_batch_size=8"])
     after, samples = heldout_accuracy(exported, heldout)
     print(f"[demo] held-out accuracy after the cold start: {after:.3f} ({seconds:.0f} s of training)")
     with open(os.path.join(out, "coldstart_heldout.jsonl"), "w") as f:
@@ -109,7 +116,6 @@ def run_coldstart(out: str, nprocs: int) -> dict:
 
 def run_rl(out: str, policy_dir: str, nprocs: int) -> dict:
     from ovr_hpc.data.synthetic import write_color_rl
-    from ovr_hpc.local import run_local
     from ovr_hpc.metrics import read_metrics
 
     train_file = write_color_rl(os.path.join(out, "data", "rl_color.jsonl"), 512, seed=2)
@@ -117,22 +123,9 @@ def run_rl(out: str, policy_dir: str, nprocs: int) -> dict:
     before, _ = heldout_accuracy(policy_dir, heldout)
     print(f"[demo] held-out reward before RL: {before:.3f}")
     run_dir = os.path.join(out, "rl")
-    t0 = time.time()
-    code = run_local("rl", _config_path("rl.yaml"), [
-        f"model.path={policy_dir}", f"data.train_files=[{train_file}]", f"checkpoint.output_dir={run_dir}",
-        "logging.progress_bar=false", f"schedule.max_steps={RL_STEPS}",
-    ], nprocs=nprocs, log_dir=os.path.join(run_dir, "logs"))
-    seconds = time.time() - t0
-    if code != 0:
-        raise RuntimeError(f"RL failed (exit {code}); see {run_dir}/logs")
     exported = os.path.join(out, "rl_model")
-    if os.path.exists(exported):
-        import shutil
-
-        shutil.rmtree(exported)
-    from ovr_hpc.checkpoint import export_hf
-
-    export_hf(run_dir, exported)
+    seconds = train_and_export("rl", policy_dir, train_file, run_dir, exported, nprocs,
+                               [f"schedule.max_steps={RL_STEPS}"])
     after, samples = heldout_accuracy(exported, heldout)
     print(f"[demo] held-out reward after RL: {after:.3f} ({seconds:.0f} s of RL)")
     with open(os.path.join(out, "rl_heldout.jsonl"), "w") as f:

@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 from ovr_hpc import dist
-from ovr_hpc.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ovr_hpc.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from ovr_hpc.config import RLConfig, dump_config, to_dict
 from ovr_hpc.data.dataset import IGNORE_INDEX, Collator, rows_at
 from ovr_hpc.data.templates import TokenizedSample
@@ -154,7 +154,7 @@ def train(cfg: RLConfig) -> dict:
             "max_response_len": ro.response_len_at(step)}, dump_config(cfg), cfg.model.path,
             cfg.checkpoint.keep_last, cfg.checkpoint.save_hf_weights)
 
-    status = "completed"
+    status: str | None = "completed"
     already_done = step >= total_steps
     while step < total_steps:
         times, t_step = {}, time.perf_counter()
@@ -292,15 +292,9 @@ def train(cfg: RLConfig) -> dict:
         metrics.log(step, values)
 
         # ---- 9. checkpoint / stop
-        if step == total_steps:
+        status = end_of_step(step, total_steps, cfg.checkpoint.every_steps, stop, save, log)
+        if status:
             break
-        if stop.agreed():
-            log(f"stop requested ({stop.signal_name or 'another rank'}): saving at step {step}")
-            save()
-            status = "preempted"
-            break
-        if step % cfg.checkpoint.every_steps == 0:
-            save()
     if status == "completed" and not already_done:
         save()
     reward_pool.close()

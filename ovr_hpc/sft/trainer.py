@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ovr_hpc import dist
-from ovr_hpc.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ovr_hpc.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from ovr_hpc.config import ColdStartConfig, dump_config, to_dict
 from ovr_hpc.data.dataset import Collator, build_rows, prepare_sft_dataset, rows_at
 from ovr_hpc.engines.deepspeed import DeepSpeedEngine
@@ -80,7 +80,7 @@ def train(cfg: ColdStartConfig) -> dict:
                         cfg.checkpoint.save_hf_weights)
 
     # ---- the loop
-    status = "completed"
+    status: str | None = "completed"
     already_done = step >= total_steps
     while step < total_steps:
         t0 = time.perf_counter()
@@ -115,15 +115,9 @@ def train(cfg: ColdStartConfig) -> dict:
             "step_seconds": seconds,
             **dataset.report.as_metrics(),
         })
-        if step == total_steps:
+        status = end_of_step(step, total_steps, cfg.checkpoint.every_steps, stop, save, log)
+        if status:
             break
-        if stop.agreed():
-            log(f"stop requested ({stop.signal_name or 'another rank'}): saving at step {step}")
-            save()
-            status = "preempted"
-            break
-        if step % cfg.checkpoint.every_steps == 0:
-            save()
     if status == "completed" and not already_done:
         save()
     metrics.close()
