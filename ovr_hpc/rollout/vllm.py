@@ -51,6 +51,9 @@ if TYPE_CHECKING:
 
     from ovr_hpc.rollout.base import Completion, Prompt, SamplingParams
 
+# The CPU build otherwise reserves most of the machine's memory for its KV cache.
+CPU_DEFAULT_KV_CACHE_BYTES = 256 << 20
+
 # Placeholders the model must never emit (the processor expands them into image/video features).
 BANNED_TOKENS = ("<|image_pad|>", "<|video_pad|>")
 
@@ -220,7 +223,8 @@ class VLLMRolloutEngine:
         max_model_len: prompt + response tokens per sequence.
         max_num_batched_tokens: tokens per engine step (prefill chunking).
         max_num_seqs: sequences decoded together.
-        kv_cache_memory_bytes: a fixed KV-cache size instead of gpu_memory_utilization (CPU tests).
+        kv_cache_memory_bytes: a fixed KV-cache size instead of gpu_memory_utilization (CPU default:
+            CPU_DEFAULT_KV_CACHE_BYTES).
         enable_sleep_mode: free weights and KV cache between generations (CUDA only).
         sleep_level: 2 drops the weights while asleep (they are re-pushed every step anyway), 1 keeps
             a CPU copy of them.
@@ -331,6 +335,8 @@ class VLLMRolloutEngine:
         if world > 1:
             self._export_launcher_env(rank, world)
             engine_args.update(distributed_executor_backend="external_launcher", data_parallel_size=world // tp)
+        if kv_cache_memory_bytes is None and not self.on_cuda:
+            kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
         if kv_cache_memory_bytes is not None:
             engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         else:
