@@ -28,6 +28,9 @@ STAGES = TRAIN_STAGES + ("eval",)
 
 def run_stage(stage: str, config_path: str, overrides: list[str]) -> int:
     """The one entry point every launcher ends in (sbatch/srun, submitit, torchrun, local). Returns an exit code."""
+    from ovr_hpc import dist
+
+    dist.catch_stop_signals()
     config = load_config(stage, config_path, overrides)
     if stage == "coldstart":
         from ovr_hpc.sft.trainer import train
@@ -37,7 +40,10 @@ def run_stage(stage: str, config_path: str, overrides: list[str]) -> int:
         from ovr_hpc.eval.runner import run_eval as train
     else:  # pragma: no cover - guarded by load_config
         raise ConfigError(f"stage {stage!r} has no trainer")
-    result = train(config)
+    try:
+        result = train(config)
+    finally:
+        dist.shutdown()
     if result["status"] == "preempted":
         from ovr_hpc.dist import EXIT_REQUEUE
 

@@ -154,6 +154,30 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+_stop_signal: str | None = None  # set by the handler below, read through StopRequest
+
+
+def _on_stop_signal(signum, frame) -> None:  # noqa: ARG001
+    global _stop_signal
+    _stop_signal = signal.Signals(signum).name
+
+
+def catch_stop_signals() -> None:
+    """Turn the stop signals into a flag from the first line of a run: a warning that arrives while the
+    model is still loading must not kill the rank (it is honoured at the first step boundary)."""
+    for name in StopRequest.SIGNALS:
+        signal.signal(getattr(signal, name), _on_stop_signal)
+
+
+def shutdown() -> None:
+    """Destroy the process group before exit: gloo's threads can abort the process at interpreter exit
+    otherwise, turning a clean finish (or a saved stop) into a failed job."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class StopRequest:
     """Set by a signal; the loops read `agreed()` at step boundaries so every rank stops at the same step.
 
@@ -164,20 +188,17 @@ class StopRequest:
 
     SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-
     def install(self) -> "StopRequest":
-        for name in self.SIGNALS:
-            signal.signal(getattr(signal, name), self._handle)
+        catch_stop_signals()
         return self
 
-    def _handle(self, signum, frame) -> None:  # noqa: ARG002
-        self.signal_name = signal.Signals(signum).name
+    @property
+    def signal_name(self) -> str | None:
+        return _stop_signal
 
     @property
     def requested(self) -> bool:
-        return self.signal_name is not None
+        return _stop_signal is not None
 
     def agreed(self) -> bool:
         """True on every rank when any rank got a signal (one all-reduce per call)."""

@@ -141,18 +141,14 @@ def test_rl_stop_and_resume_is_exact(tiny_model_dir, color_file, tmp_path, zero_
 
 
 @pytest.mark.slow
-def test_rl_grpo_single_process(tiny_model_dir, color_file, tmp_path, monkeypatch):
-    from ovr_hpc.cli import run_stage
-    from ovr_hpc.local import free_port
+def test_rl_grpo_single_process(tiny_model_dir, color_file, tmp_path):
+    from ovr_hpc.local import run_local
     from ovr_hpc.metrics import read_metrics
 
-    for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_ID"):
-        monkeypatch.delenv(k, raising=False)
-    if not torch.distributed.is_initialized():
-        monkeypatch.setenv("MASTER_PORT", str(free_port()))
     out = str(tmp_path / "grpo")
-    assert run_stage("rl", RL_CONFIG, _rl_overrides(tiny_model_dir, color_file, out, "algorithm.advantage=grpo",
-                                                     "schedule.max_steps=2", "parallel.zero_stage=2")) == 0
+    assert run_local("rl", RL_CONFIG, _rl_overrides(tiny_model_dir, color_file, out, "algorithm.advantage=grpo",
+                                                    "schedule.max_steps=2", "parallel.zero_stage=2"), nprocs=1,
+                     log_dir=os.path.join(out, "logs")) == 0
     m = read_metrics(out)
     assert len(m) == 2 and "critic/vf_loss" not in m[0] and m[0]["rollout_logprob_gap_max"] < 1e-4
     assert not os.path.isdir(os.path.join(out, "checkpoints", "latest", "critic"))
