@@ -366,7 +366,7 @@ class VLLMRolloutEngine:
         self.sync_stats = WeightSyncStats()
         self.weights_loaded = load_format != "dummy"
 
-    # ---- the named CPU / CUDA difference --------------------------------------------------------------------
+    # ---- the named CPU / CUDA differences ---------------------------------------------------------------------
     def _sleep_supported(self) -> bool:
         """vLLM's sleep mode (CuMem allocator tags) exists on CUDA only; the CPU build rejects it."""
         return self.on_cuda
