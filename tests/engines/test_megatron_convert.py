@@ -13,6 +13,7 @@ from ovr_hpc.engines.megatron.convert import (
     gate_up_from_mcore,
     hf_to_mcore_shard,
     iter_buckets,
+    iter_hf_to_mcore_shard,
     iter_mcore_to_hf,
     mcore_shards_to_hf,
     qkv_from_mcore,
@@ -131,6 +132,7 @@ def test_te_extra_state_is_skipped(tiny):
     config = ConversionConfig.from_hf_config(model.config, norm_scheme="te")
     shards = _shards(hf, config, 1, 1)
     shards[0][0]["decoder.layers.0.self_attention.linear_qkv._extra_state"] = torch.zeros(0)
+    shards[0][0]["rotary_pos_emb.inv_freq"] = torch.ones(16)
     assert set(mcore_shards_to_hf(shards, config)) == set(hf)
 
 
@@ -155,6 +157,39 @@ def test_grouped_qkv_reproduces_hf_projections(tiny):
         torch.testing.assert_close(v.T, v_ref[:, t * 32 : (t + 1) * 32], rtol=0, atol=1e-6)
 
 
+def test_tp_mlp_and_attention_output_reproduce_hf(tiny):
+    """At TP 2: each rank's silu(gate_r x) * (up_r x) from its fc1 shard, through its fc2 columns, summed
+    over ranks (the row-parallel all-reduce) equals HF's MLP; same for o_proj from linear_proj pieces."""
+    _, model = tiny
+    config = ConversionConfig.from_hf_config(model.config)
+    layer = model.model.language_model.layers[2]
+    hf = model.state_dict()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 128, generator=gen)
+    a = torch.randn(5, 128, generator=gen)  # attention output before o_proj (4 heads x 32)
+    with torch.no_grad():
+        mlp_ref, o_ref = layer.mlp(x), layer.self_attn.o_proj(a)
+    tp = 2
+    shards = _shards(hf, config, tp, 2)
+    mlp = sum(
+        (torch.nn.functional.silu(g) * u) @ sd["decoder.layers.0.mlp.linear_fc2.weight"].T
+        for sd in shards[1]
+        for g, u in [(x @ sd["decoder.layers.0.mlp.linear_fc1.weight"].T).chunk(2, dim=-1)]
+    )
+    torch.testing.assert_close(mlp, mlp_ref, rtol=1e-5, atol=1e-6)
+    o = sum(a[:, t * 64 : (t + 1) * 64] @ sd["decoder.layers.0.self_attention.linear_proj.weight"].T for t, sd in enumerate(shards[1]))
+    torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_iter_variant_matches(tiny):
+    _, model = tiny
+    hf = model.state_dict()
+    config = ConversionConfig.from_hf_config(model.config, norm_scheme="te")
+    pairs = list(iter_hf_to_mcore_shard(hf, config, 1, 2, 1, 2))
+    full = hf_to_mcore_shard(hf, config, 1, 2, 1, 2)
+    assert [n for n, _ in pairs] == list(full) and all(torch.equal(t, full[n]) for n, t in pairs)
+
+
 def test_checkpoint_names_and_slice_reading(tiny):
     """From the safetensors file (checkpoint names: model.layers..., visual...): each rank reads only its
     own slices, and the round trip with hf_naming='checkpoint' gives back the file exactly."""
@@ -166,12 +201,14 @@ def test_checkpoint_names_and_slice_reading(tiny):
     config = ConversionConfig.from_hf_config(model.config, hf_naming="checkpoint")
     tp, pp = 2, 2
     shards = [[None] * tp for _ in range(pp)]
+    total_read = 0
     for p in range(pp):
         for t in range(tp):
             with SafetensorsCheckpoint(path) as ckpt:
                 sd = shards[p][t] = hf_to_mcore_shard(ckpt, config, t, tp, p, pp)
                 # nothing read beyond what the rank keeps (no padding here)
                 assert ckpt.elements_read == sum(v.numel() for v in sd.values())
+                total_read += ckpt.elements_read
                 reads = dict(ckpt.reads)
                 assert any(n.startswith("visual.") for n in reads) == (p == 0)
                 assert ("model.embed_tokens.weight" in reads) == (p == 0)
@@ -189,7 +226,9 @@ def test_checkpoint_names_and_slice_reading(tiny):
                     assert [n for n in reads if n.startswith("model.layers.")] == [
                         n for n in reads if n.startswith("model.layers.2.")
                     ]
-    # each language-model element is read once over the TP x PP grid, up to the replicated norms
+    # over the TP x PP grid each element is read once, replicated ones (norms, vision tower) once per TP rank
+    replicated = [n for n in on_disk if n.startswith("visual.") or "norm" in n]
+    assert total_read == sum(t.numel() for t in on_disk.values()) + (tp - 1) * sum(on_disk[n].numel() for n in replicated)
     assert mcore_shards_to_hf(shards, config).keys() == on_disk.keys()
     for name, t in mcore_shards_to_hf(shards, config).items():
         assert torch.equal(t, on_disk[name]), name
@@ -298,7 +337,7 @@ def test_unknown_and_missing_names():
     with pytest.raises(ValueError, match="no megatron-core mapping"):
         hf_to_mcore_shard({**hf, "model.language_model.layers.0.self_attn.o_proj.bias": torch.zeros(8)}, config, 0, 1, 0, 1)
     del hf["model.language_model.layers.0.mlp.up_proj.weight"]
-    with pytest.raises(KeyError, match="up_proj"):
+    with pytest.raises(KeyError, match="missing.*up_proj"):
         hf_to_mcore_shard(hf, config, 0, 1, 0, 1)
 
 

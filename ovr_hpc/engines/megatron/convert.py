@@ -77,6 +77,7 @@ __all__ = [
     "gate_up_from_mcore",
     "tp_partition_dim",
     "hf_to_mcore_shard",
+    "iter_hf_to_mcore_shard",
     "mcore_param_to_hf",
     "iter_mcore_to_hf",
     "mcore_shards_to_hf",
@@ -376,7 +377,7 @@ def _vocab_shard(src: Any, vocab_size: int, padded: int, tp_rank: int, tp_size: 
     if part is not None and part.shape[0] == per:
         return part
     hidden = _shape(src)[1]
-    ref = part if part is not None else _read(src, rows=(0, 1))
+    ref = part if part is not None else _read(src, rows=(0, 0))  # zero rows: only the dtype
     out = torch.zeros(per, hidden, dtype=ref.dtype)
     if part is not None:
         out[: part.shape[0]] = part
@@ -395,8 +396,22 @@ def hf_to_mcore_shard(
 
     Only this rank's slices are read. Vision tower parameters (``model.visual.*``) come through unchanged
     on the first pipeline stage. Raises ValueError for HF names with no mapping and KeyError for missing
-    ones.
+    ones. Keys are megatron-core's plain ``state_dict()`` names (stage-local layer numbers), so the result
+    loads with ``model.load_state_dict(..., strict=...)`` (TE's ``_extra_state`` entries aside).
     """
+    return dict(iter_hf_to_mcore_shard(hf_tensors, config, tp_rank, tp_size, pp_rank, pp_size))
+
+
+def iter_hf_to_mcore_shard(
+    hf_tensors: Mapping[str, Any],
+    config: ConversionConfig,
+    tp_rank: int,
+    tp_size: int,
+    pp_rank: int,
+    pp_size: int,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`hf_to_mcore_shard` one parameter at a time (copy each into the model as it comes, so a rank holds
+    at most one converted tensor besides its model). All names are checked before anything is read."""
     if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
         raise ValueError(f"rank (tp {tp_rank}, pp {pp_rank}) outside TP {tp_size} x PP {pp_size}")
     d = config.dims
@@ -417,13 +432,28 @@ def hf_to_mcore_shard(
     split = config.split(pp_size)
     first, last = pp_rank == 0, pp_rank == pp_size - 1
     padded = config.padded_vocab(tp_size)
-    out: dict[str, torch.Tensor] = {}
+
+    required = [_HF_EMBED] if first else []
+    for i in split.stage_layers(pp_rank):
+        required += [_hf_layer(i, r) for r in _HF_LAYER_PARAMS if d.qkv_bias or not r.endswith("_proj.bias")]
+    if last:
+        required.append(_HF_NORM)
+        if not d.tie_word_embeddings:
+            required.append(_HF_HEAD)
+        elif pp_size > 1:
+            required.append(_HF_EMBED)
+    missing = [n for n in required if n not in by_canonical]
+    if missing:
+        raise KeyError(
+            f"{len(missing)} Hugging Face parameter(s) needed by rank (tp {tp_rank}, pp {pp_rank}) are missing, "
+            f"e.g. {missing[:5]}"
+        )
 
     if first:
         for name in by_canonical:
             if name.startswith(VISION_PREFIX):
-                out[name] = _read(src(name))
-        out[EMBEDDING] = _vocab_shard(src(_HF_EMBED), d.vocab_size, padded, tp_rank, tp_size)
+                yield name, _read(src(name))
+        yield EMBEDDING, _vocab_shard(src(_HF_EMBED), d.vocab_size, padded, tp_rank, tp_size)
 
     g_local = d.num_kv_heads // tp_size
     hpg, hd = d.heads_per_group, d.head_dim
@@ -438,28 +468,27 @@ def hf_to_mcore_shard(
             k = _read(src(_hf_layer(i, f"self_attn.k_proj.{kind}")), rows=(tp_rank * kv_rows, (tp_rank + 1) * kv_rows))
             v = _read(src(_hf_layer(i, f"self_attn.v_proj.{kind}")), rows=(tp_rank * kv_rows, (tp_rank + 1) * kv_rows))
             qkv[kind] = qkv_to_mcore(q, k, v, g_local, hd)
-        out[L + "self_attention.linear_qkv.weight"] = qkv["weight"]
+        yield L + "self_attention.linear_qkv.weight", qkv["weight"]
         if d.qkv_bias:
-            out[L + "self_attention.linear_qkv.bias"] = qkv["bias"]
-        out[L + "self_attention.linear_proj.weight"] = _read(
+            yield L + "self_attention.linear_qkv.bias", qkv["bias"]
+        yield L + "self_attention.linear_proj.weight", _read(
             src(_hf_layer(i, "self_attn.o_proj.weight")), cols=(tp_rank * q_rows, (tp_rank + 1) * q_rows)
         )
         ff = (tp_rank * f_local, (tp_rank + 1) * f_local)
-        out[L + "mlp.linear_fc1.weight"] = gate_up_to_mcore(
+        yield L + "mlp.linear_fc1.weight", gate_up_to_mcore(
             _read(src(_hf_layer(i, "mlp.gate_proj.weight")), rows=ff),
             _read(src(_hf_layer(i, "mlp.up_proj.weight")), rows=ff),
         )
-        out[L + "mlp.linear_fc2.weight"] = _read(src(_hf_layer(i, "mlp.down_proj.weight")), cols=ff)
-        out[config.input_norm_name(j)] = _read(src(_hf_layer(i, "input_layernorm.weight")))
-        out[config.pre_mlp_norm_name(j)] = _read(src(_hf_layer(i, "post_attention_layernorm.weight")))
+        yield L + "mlp.linear_fc2.weight", _read(src(_hf_layer(i, "mlp.down_proj.weight")), cols=ff)
+        yield config.input_norm_name(j), _read(src(_hf_layer(i, "input_layernorm.weight")))
+        yield config.pre_mlp_norm_name(j), _read(src(_hf_layer(i, "post_attention_layernorm.weight")))
 
     if last:
-        out[FINAL_NORM] = _read(src(_HF_NORM))
+        yield FINAL_NORM, _read(src(_HF_NORM))
         if not d.tie_word_embeddings:
-            out[OUTPUT_LAYER] = _vocab_shard(src(_HF_HEAD), d.vocab_size, padded, tp_rank, tp_size)
+            yield OUTPUT_LAYER, _vocab_shard(src(_HF_HEAD), d.vocab_size, padded, tp_rank, tp_size)
         elif pp_size > 1:  # megatron-core keeps a copy on the last stage, synchronised with the embedding
-            out[OUTPUT_LAYER] = _vocab_shard(src(_HF_EMBED), d.vocab_size, padded, tp_rank, tp_size)
-    return out
+            yield OUTPUT_LAYER, _vocab_shard(src(_HF_EMBED), d.vocab_size, padded, tp_rank, tp_size)
 
 
 # ----------------------------------------------------------------------------------------- mcore -> HF
@@ -469,6 +498,12 @@ _MCORE_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 
 def _hf_out(name: str, config: ConversionConfig) -> str:
     return checkpoint_hf_name(name) if config.hf_naming == "checkpoint" else name
+
+
+def _not_a_parameter(name: str) -> bool:
+    """State-dict entries of a megatron-core model that are not HF parameters: Transformer Engine's FP8
+    metadata and the rotary inverse frequencies (recomputed from the config)."""
+    return name.endswith("._extra_state") or name.endswith("inv_freq")
 
 
 def mcore_param_to_hf(
@@ -483,10 +518,10 @@ def mcore_param_to_hf(
 
     This is the building block of the streaming export: the distributed engine all-gathers a parameter's
     TP pieces (on dim `tp_partition_dim(name)`) and calls this. Returns [] for entries that are not HF
-    parameters (``_extra_state``, the tied output layer copy).
+    parameters (``*._extra_state``, ``*inv_freq``, the tied output layer's copy).
     """
     d = config.dims
-    if name.endswith("._extra_state"):
+    if _not_a_parameter(name):
         return []
     if name.startswith(VISION_PREFIX):
         return [(_hf_out(name, config), pieces[0])]
@@ -541,6 +576,8 @@ def iter_mcore_to_hf(
         raise ValueError("shards must be a non-empty [pp][tp] nested list with the same TP size on every stage")
     for pp_rank, stage in enumerate(shards):
         for name in stage[0]:
+            if _not_a_parameter(name):
+                continue
             pieces = [rank[name] for rank in stage]
             yield from mcore_param_to_hf(name, pieces, config, pp_rank, pp_size)
 
