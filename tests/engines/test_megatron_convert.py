@@ -237,6 +237,44 @@ def test_checkpoint_names_and_slice_reading(tiny):
     assert set(mem) == set(model.state_dict())
 
 
+def test_sharded_checkpoint_with_padding(tiny, tmp_path):
+    """A checkpoint split over two files with an index; a padded vocabulary (1024 -> 1026 at TP 2): the
+    last rank reads its 511 real rows and adds 2 zero rows; the round trip drops them again."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    path, model = tiny
+    on_disk = load_file(f"{path}/model.safetensors")
+    names = sorted(on_disk)
+    half = len(names) // 2
+    weight_map = {}
+    for i, part in enumerate((names[:half], names[half:])):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({n: on_disk[n] for n in part}, str(tmp_path / fname))
+        weight_map.update({n: fname for n in part})
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+    config = ConversionConfig.from_hf_config(model.config, hf_naming="checkpoint", make_vocab_size_divisible_by=3)
+    assert config.padded_vocab(2) == 1026
+    shards = [[None, None] for _ in range(2)]
+    for p in range(2):
+        for t in range(2):
+            with SafetensorsCheckpoint(str(tmp_path)) as ckpt:
+                assert len(ckpt.files) == 2 and len(ckpt) == len(on_disk)
+                shards[p][t] = hf_to_mcore_shard(ckpt, config, t, 2, p, 2)
+                reads = dict(ckpt.reads)
+            if (p, t) == (0, 1):
+                assert reads["model.embed_tokens.weight"] == (511, 128)
+                emb = shards[p][t]["embedding.word_embeddings.weight"]
+                assert emb.shape == (513, 128) and emb[-2:].abs().sum() == 0
+                assert torch.equal(emb[:511], on_disk["model.embed_tokens.weight"][513:])
+            if (p, t) == (1, 1):
+                assert shards[p][t]["output_layer.weight"].shape == (513, 128)
+    back = mcore_shards_to_hf(shards, config)
+    assert back.keys() == on_disk.keys() and all(torch.equal(back[n], on_disk[n]) for n in on_disk)
+
+
 def test_canonical_names():
     assert canonical_hf_name("model.layers.3.mlp.up_proj.weight") == "model.language_model.layers.3.mlp.up_proj.weight"
     assert canonical_hf_name("model.embed_tokens.weight") == "model.language_model.embed_tokens.weight"
@@ -393,20 +431,22 @@ def test_pipeline_split():
 
 
 def test_validate_megatron_layout():
-    with pytest.raises(ConfigError, match=r"4 KV heads.*query groups.*TP must divide 4"):
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size \(8\) is rejected.*4 KV heads.*query groups.*TP must divide 4"):
         validate_megatron_layout(QWEN25VL_7B, tp=8, pp=1)
     assert validate_megatron_layout(QWEN25VL_7B, tp=2, pp=1, world_size=8).even
     assert validate_megatron_layout(QWEN25VL_7B, tp=4, pp=2, world_size=16).layers_per_stage == (14, 14)
     with pytest.raises(ConfigError, match="28 attention heads"):
         validate_megatron_layout(QWEN25VL_7B, tp=3, pp=1)
-    with pytest.raises(ConfigError, match=r"world size 12 .* TP 2 x PP 4 = 8"):
+    with pytest.raises(ConfigError, match=r"world size 12 .*tensor_parallel_size \(2\) x parallel.pipeline_parallel_size \(4\) = 8"):
         validate_megatron_layout(QWEN25VL_7B, tp=2, pp=4, world_size=12)
     uneven = validate_megatron_layout(QWEN25VL_7B, tp=2, pp=3, world_size=6)
     assert "do not split evenly" in uneven.describe() and uneven.layers_per_stage == (9, 10, 9)
     assert validate_megatron_layout(QWEN25VL_32B, tp=8, pp=2, world_size=32).layers_per_stage == (32, 32)
     assert validate_megatron_layout(QWEN25VL_72B, tp=8, pp=4, world_size=64).layers_per_stage == (20,) * 4
-    with pytest.raises(ConfigError, match="exceeds"):
+    with pytest.raises(ConfigError, match=r"pipeline_parallel_size \(29\).*exceeds the model's 28 layers"):
         validate_megatron_layout(QWEN25VL_7B, tp=1, pp=29)
+    with pytest.raises(ConfigError, match="tp_size"):
+        validate_megatron_layout(QWEN25VL_7B, tp=8, pp=1, tp_key="tp_size")
     # the merged config.json form (top level + text_config) works as well
     nested = {"tie_word_embeddings": False, "text_config": dict(QWEN25VL_7B)}
     assert TextDims.from_hf_config(nested) == TextDims.from_hf_config(QWEN25VL_7B)

@@ -246,26 +246,30 @@ def validate_megatron_layout(
     pp: int,
     world_size: Optional[int] = None,
     *,
-    key: str = "parallel",
+    tp_key: str = "parallel.tensor_parallel_size",
+    pp_key: str = "parallel.pipeline_parallel_size",
     first_stage_layers: Optional[int] = None,
     last_stage_layers: Optional[int] = None,
 ) -> PipelineSplit:
     """Check a tensor x pipeline layout against the language model; raise `ConfigError` with the reason.
 
-    * TP must divide the attention heads and the KV heads (megatron-core gives each rank whole query
-      groups), and the MLP's intermediate size.
+    * TP must divide the KV heads (megatron-core gives each rank whole query groups: Qwen2.5-VL-7B has 4,
+      so TP 8 is rejected), the attention heads and the MLP's intermediate size.
     * PP must not exceed the layers; when it does not divide them the uneven split is returned and stated
       by `PipelineSplit.describe()` (the caller logs it).
     * ``world_size`` (when given) must be TP x PP x DP for a whole DP.
 
-    Returns the `PipelineSplit`.
+    `text_config` is a `TextDims`, a HF config or the ``config.json`` dict (`ovr_hpc.config.model_text_config`).
+    The messages name `tp_key` / `pp_key`. Returns the `PipelineSplit`.
     """
     dims = text_config if isinstance(text_config, TextDims) else TextDims.from_hf_config(text_config)
-    if tp < 1 or pp < 1:
-        raise ConfigError(f"{key}: tensor ({tp}) and pipeline ({pp}) parallel sizes must be >= 1")
+    if tp < 1:
+        raise ConfigError(f"{tp_key} ({tp}) must be >= 1")
+    if pp < 1:
+        raise ConfigError(f"{pp_key} ({pp}) must be >= 1")
     if dims.num_heads % dims.num_kv_heads:
         raise ConfigError(
-            f"{key}: the model has {dims.num_heads} attention heads and {dims.num_kv_heads} KV heads: not grouped-query"
+            f"the model has {dims.num_heads} attention heads and {dims.num_kv_heads} KV heads: not grouped-query"
         )
     reasons = []
     if dims.num_kv_heads % tp:
@@ -283,14 +287,16 @@ def validate_megatron_layout(
     if dims.ffn_hidden_size % tp:
         reasons.append(f"it must divide the MLP intermediate size {dims.ffn_hidden_size}")
     if reasons:
-        raise ConfigError(f"{key}: tensor parallel size {tp} is rejected: " + "; ".join(reasons))
-    split = pipeline_layer_split(
-        dims.num_layers, pp, first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers
-    )
-    if world_size is not None:
-        if world_size % (tp * pp):
-            raise ConfigError(
-                f"{key}: world size {world_size} must be TP x PP x DP: {world_size} GPUs are not a multiple of "
-                f"TP {tp} x PP {pp} = {tp * pp}"
-            )
+        raise ConfigError(f"{tp_key} ({tp}) is rejected: " + "; ".join(reasons))
+    try:
+        split = pipeline_layer_split(
+            dims.num_layers, pp, first_stage_layers=first_stage_layers, last_stage_layers=last_stage_layers
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{pp_key} ({pp}): {e}") from None
+    if world_size is not None and world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} must be TP x PP x DP: it is not a multiple of {tp_key} ({tp}) x "
+            f"{pp_key} ({pp}) = {tp * pp}"
+        )
     return split
