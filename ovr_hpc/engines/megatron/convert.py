@@ -105,8 +105,8 @@ class ConversionConfig:
 
     dims: TextDims
     norm_scheme: NormScheme = "local"
-    """"local" = megatron-core's local layer spec (separate norm modules); "te" = Transformer Engine spec
-    (the norms fused into linear_qkv / linear_fc1 as ``layer_norm_weight``)."""
+    """``local``: megatron-core's local layer spec (separate norm modules); ``te``: the Transformer Engine
+    spec (the norms fused into linear_qkv / linear_fc1 as ``layer_norm_weight``)."""
     make_vocab_size_divisible_by: int = 1
     """See `layout.padded_vocab_size` (1 = pad only when TP does not divide the vocabulary)."""
     hf_naming: Literal["memory", "checkpoint"] = "memory"
