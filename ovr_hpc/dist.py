@@ -163,8 +163,10 @@ def _on_stop_signal(signum, frame) -> None:  # noqa: ARG001
 
 
 def catch_stop_signals() -> None:
-    """Turn the stop signals into a flag from the first line of a run: a warning that arrives while the
-    model is still loading must not kill the rank (it is honoured at the first step boundary)."""
+    """Turn the stop signals into a (cleared) flag from the first line of a run: a warning that arrives
+    while the model is still loading must not kill the rank (it is honoured at the first step boundary)."""
+    global _stop_signal
+    _stop_signal = None
     for name in StopRequest.SIGNALS:
         signal.signal(getattr(signal, name), _on_stop_signal)
 
@@ -189,7 +191,9 @@ class StopRequest:
     SIGNALS = ("SIGUSR1", "SIGUSR2", "SIGTERM")
 
     def install(self) -> "StopRequest":
-        catch_stop_signals()
+        """Keeps a signal caught since the run started (run_stage); else starts with a clear flag."""
+        if any(signal.getsignal(getattr(signal, name)) is not _on_stop_signal for name in self.SIGNALS):
+            catch_stop_signals()
         return self
 
     @property

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ovr_hpc.config import DEFAULT_INSTRUCTION, ConfigError, _positive, register_stage
+from ovr_hpc.config import DEFAULT_INSTRUCTION, ConfigError, _positive, register_stage, validate_rollout_engine
 
 # The RL stage's instruction (data.instruction) is the default: a model is evaluated as it was trained.
 DEFAULT_CHOICE_INSTRUCTION = (
@@ -122,6 +122,7 @@ class EvalRolloutConfig:
     max_new_tokens + 8192), max_num_seqs, ...)."""
 
     def validate(self, prefix: str) -> None:
+        validate_rollout_engine(prefix, self.engine)
         _positive(prefix, "batch_size", self.batch_size)
         _positive(prefix, "min_pixels", self.min_pixels)
         if self.max_pixels < self.min_pixels:

