@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 if [ -d "$WHEELS" ]; then
   DS_BUILD_OPS=0 $PY -m pip install -q --no-index --find-links "$WHEELS" --no-deps "$WHEELS"/*.whl "$WHEELS"/*.tar.gz
 fi
-$PY -m pip install -q --no-deps --no-build-isolation -e .
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the checkout itself: no build step, no network
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
 W=runs/gpu_smoke_work
