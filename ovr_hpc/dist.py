@@ -107,12 +107,14 @@ def init_distributed(timeout_minutes: int = 60) -> RankInfo:
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        cuda = torch.cuda.is_available()
         dist.init_process_group(
-            backend=backend,
+            backend="nccl" if cuda else "gloo",
             rank=info.rank,
             world_size=info.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
+            # NCCL binds each rank to its GPU up front (no guessing from the global rank)
+            device_id=torch.device("cuda", torch.cuda.current_device()) if cuda else None,
         )
     return info
 

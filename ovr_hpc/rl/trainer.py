@@ -54,12 +54,12 @@ def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
 
 def scatter_to_positions(per_sample: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
     """Per-sample response vectors -> one [T] tensor at the packed row's loss positions (0 elsewhere)."""
-    out = torch.zeros(targets.shape[0], dtype=torch.float32)
+    out = torch.zeros(targets.shape[0], dtype=torch.float32, device=targets.device)
     positions = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
     flat = torch.cat(per_sample) if per_sample else torch.zeros(0)
     if flat.numel() != positions.numel():
         raise RuntimeError(f"{flat.numel()} response values for {positions.numel()} loss positions")
-    out[positions] = flat.float()
+    out[positions] = flat.to(out.device, torch.float32)
     return out
 
 
