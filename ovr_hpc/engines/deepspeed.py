@@ -38,7 +38,7 @@ def lr_lambda(schedule, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
-def ds_config(parallel, optimizer, dtype: str, micro_batch_size: int, grad_accum: int) -> dict:
+def ds_config(parallel, optimizer, dtype: str, grad_accum: int) -> dict:
     zero: dict = {"stage": parallel.zero_stage}
     if parallel.zero_stage == 3:
         # keep whole-model gathers bounded and let the 16-bit consolidation work for exports
@@ -46,7 +46,8 @@ def ds_config(parallel, optimizer, dtype: str, micro_batch_size: int, grad_accum
     if parallel.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     config: dict = {
-        "train_micro_batch_size_per_gpu": micro_batch_size,
+        # a micro-batch is one packed row to DeepSpeed (our rows of samples are concatenated before the forward)
+        "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": optimizer.grad_clip,
         "zero_optimization": zero,
@@ -74,7 +75,7 @@ class DeepSpeedEngine:
         self.parallel = parallel
         self.manual_accumulation = grad_accum_steps is None
         grad_accum = grad_accum_steps or 1
-        config = ds_config(parallel, optimizer, dtype, 1, grad_accum)
+        config = ds_config(parallel, optimizer, dtype, grad_accum)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
             params, lr=optimizer.lr, betas=tuple(optimizer.betas), eps=optimizer.eps,

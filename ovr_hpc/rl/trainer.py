@@ -163,8 +163,7 @@ def train(cfg: RLConfig) -> dict:
             "max_response_len": ro.response_len_at(step)}, dump_config(cfg), cfg.model.path,
             cfg.checkpoint.keep_last, cfg.checkpoint.save_hf_weights)
 
-    status: str | None = "completed"
-    already_done = step >= total_steps
+    status: str | None = None  # stays None when a resumed run had already finished
     while step < total_steps:
         times, t_step = {}, time.perf_counter()
 
@@ -306,12 +305,12 @@ def train(cfg: RLConfig) -> dict:
         status = end_of_step(step, total_steps, cfg.checkpoint.every_steps, stop, save, log)
         if status:
             break
-    if status == "completed" and not already_done:
+    if status == "completed":
         save()
     reward_pool.close()
     metrics.close()
     dist.barrier()
-    return {"status": status, "step": step, "total_steps": total_steps}
+    return {"status": status or "completed", "step": step, "total_steps": total_steps}
 
 
 SAMPLES_PER_STEP_LOGGED = 4

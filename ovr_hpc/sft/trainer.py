@@ -80,8 +80,7 @@ def train(cfg: ColdStartConfig) -> dict:
                         cfg.checkpoint.save_hf_weights)
 
     # ---- the loop
-    status: str | None = "completed"
-    already_done = step >= total_steps
+    status: str | None = None  # stays None when a resumed run had already finished
     while step < total_steps:
         t0 = time.perf_counter()
         step_rows = rows_at(step * global_batch, global_batch, len(rows), cfg.seed, cfg.data.shuffle)
@@ -118,8 +117,8 @@ def train(cfg: ColdStartConfig) -> dict:
         status = end_of_step(step, total_steps, cfg.checkpoint.every_steps, stop, save, log)
         if status:
             break
-    if status == "completed" and not already_done:
+    if status == "completed":
         save()
     metrics.close()
     dist.barrier()
-    return {"status": status, "step": step, "total_steps": total_steps}
+    return {"status": status or "completed", "step": step, "total_steps": total_steps}

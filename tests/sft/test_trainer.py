@@ -57,6 +57,12 @@ def test_train_checkpoint_export_roundtrip(tiny_model_dir, arithmetic_file, tmp_
     ckpts = sorted(os.listdir(out / "checkpoints"))
     assert ckpts == ["latest", "step_4", "step_6"] and os.readlink(out / "checkpoints" / "latest") == "step_6"
     assert json.load(open(out / "checkpoints" / "step_6" / "train_state.json"))["step"] == 6
+    # starting a finished run again: it resumes at its end, trains nothing and saves nothing new
+    saved = os.path.getmtime(out / "checkpoints" / "step_6" / "COMPLETE")
+    assert train(_cfg(tiny_model_dir, arithmetic_file, out, "schedule.max_steps=6", "checkpoint.every_steps=2",
+                      "checkpoint.keep_last=2"))["status"] == "completed"
+    assert os.path.getmtime(out / "checkpoints" / "step_6" / "COMPLETE") == saved
+    assert [m["step"] for m in read_metrics(str(out))] == list(range(1, 7))
 
     export_hf(str(out), str(tmp_path / "hf"))
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "hf")
