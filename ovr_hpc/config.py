@@ -121,19 +121,50 @@ class ScheduleConfig:
 
 
 @dataclass
-class ParallelConfig:
-    engine: Literal["deepspeed"] = "deepspeed"
-    """Training backend."""
+class EngineConfig:
+    """The training engine and its model-parallel layout (shared by the cold start and RL)."""
+
+    engine: Literal["deepspeed", "megatron"] = "deepspeed"
+    """Training backend: deepspeed (ZeRO-1/2/3, AutoTP) or megatron (megatron-core TP x PP; extra `megatron`)."""
     zero_stage: int = 3
     """DeepSpeed ZeRO stage: 1, 2 or 3 (AutoTP needs <= 2)."""
     autotp_size: int = 1
     """DeepSpeed AutoTP tensor-parallel size (ranks in a group see the same data)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (DeepSpeed ZeRO offload)."""
+    tensor_parallel_size: int = 1
+    """Megatron-core tensor-parallel size: divides the KV heads (7B: 1, 2 or 4; 32B/72B: up to 8)."""
+    pipeline_parallel_size: int = 1
+    """Megatron-core pipeline stages (an uneven layer split is allowed and logged)."""
+    megatron_spec: Literal["auto", "local", "te"] = "auto"
+    """Megatron-core layer spec: te = Transformer Engine (packed rows as THD; GPUs), local = plain torch
+    (packed rows through a block-causal mask), auto = te where it imports on a GPU."""
+
+    @property
+    def model_parallel_size(self) -> int:
+        """Ranks that hold one model replica and train on the same data."""
+        if self.engine == "megatron":
+            return self.tensor_parallel_size * self.pipeline_parallel_size
+        return self.autotp_size
+
+    def validate(self, prefix: str) -> None:
+        _validate_engine(prefix, self)
+
+    def data_parallel_size(self, world_size: int, prefix: str = "parallel") -> int:
+        mp = self.model_parallel_size
+        if world_size % mp:
+            what = (f"{prefix}.tensor_parallel_size x {prefix}.pipeline_parallel_size ({mp})"
+                    if self.engine == "megatron" else f"{prefix}.autotp_size ({mp})")
+            raise ConfigError(f"{what} must divide the world size ({world_size})")
+        return world_size // mp
+
+
+@dataclass
+class ParallelConfig(EngineConfig):
     global_batch_size: int = 8
     """Rows (packed sequences) per optimizer step, over all data-parallel ranks."""
     micro_batch_size: int = 1
     """Rows per forward/backward on one rank; gradient accumulation = global / (dp * micro)."""
-    offload_optimizer: bool = False
-    """Keep optimizer states in CPU memory (ZeRO offload)."""
 
     def validate(self, prefix: str) -> None:
         _validate_engine(prefix, self)
@@ -142,11 +173,7 @@ class ParallelConfig:
 
     def validate_world(self, world_size: int, prefix: str = "parallel") -> None:
         """Checks that need the number of ranks (known at submit time from nodes x gpus)."""
-        if world_size % self.autotp_size:
-            raise ConfigError(
-                f"{prefix}.autotp_size ({self.autotp_size}) must divide the world size ({world_size})"
-            )
-        dp = world_size // self.autotp_size
+        dp = self.data_parallel_size(world_size, prefix)
         if self.global_batch_size % (dp * self.micro_batch_size):
             raise ConfigError(
                 f"{prefix}.global_batch_size ({self.global_batch_size}) must be divisible by "
@@ -155,7 +182,7 @@ class ParallelConfig:
             )
 
     def grad_accum_steps(self, world_size: int) -> int:
-        return self.global_batch_size // (world_size // self.autotp_size * self.micro_batch_size)
+        return self.global_batch_size // (self.data_parallel_size(world_size) * self.micro_batch_size)
 
 
 @dataclass
@@ -233,7 +260,10 @@ def _validate_sections(config) -> None:
         section = getattr(config, f.name)
         if dataclasses.is_dataclass(section):
             section.validate(f.name)
-    validate_tp_against_model(config.model.path, config.parallel.autotp_size, "parallel.autotp_size")
+    if config.parallel.engine == "megatron":
+        validate_megatron_against_model(config)
+    else:
+        validate_tp_against_model(config.model.path, config.parallel.autotp_size, "parallel.autotp_size")
 
 
 def _validate_data_files(prefix: str, data) -> None:
@@ -250,6 +280,16 @@ def _validate_data_files(prefix: str, data) -> None:
 
 
 def _validate_engine(prefix: str, parallel) -> None:
+    _positive(prefix, "tensor_parallel_size", parallel.tensor_parallel_size)
+    _positive(prefix, "pipeline_parallel_size", parallel.pipeline_parallel_size)
+    if parallel.engine == "megatron":
+        if parallel.autotp_size != 1:
+            raise ConfigError(f"{prefix}.autotp_size ({parallel.autotp_size}) is DeepSpeed's: with {prefix}.engine="
+                              f"megatron use {prefix}.tensor_parallel_size")
+        return
+    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
+        raise ConfigError(f"{prefix}.tensor_parallel_size / pipeline_parallel_size are megatron-core's: set "
+                          f"{prefix}.engine=megatron, or use {prefix}.autotp_size with DeepSpeed")
     if parallel.zero_stage not in (1, 2, 3):
         raise ConfigError(f"{prefix}.zero_stage ({parallel.zero_stage}) must be 1, 2 or 3")
     _positive(prefix, "autotp_size", parallel.autotp_size)
@@ -270,6 +310,16 @@ def model_text_config(path: str) -> dict | None:
     except (OSError, ValueError):
         return None
     return {**config, **config.get("text_config", {})}
+
+
+def validate_megatron_against_model(config) -> None:
+    """The tensor x pipeline layout against the model's heads, KV groups and layers (config.json only)."""
+    text = model_text_config(config.model.path)
+    if text is None:
+        return
+    from ovr_hpc.engines.megatron.layout import validate_megatron_layout
+
+    validate_megatron_layout(text, config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
 
 
 def validate_tp_against_model(path: str, tp: int, key: str) -> None:
@@ -446,18 +496,8 @@ class CriticConfig:
 
 
 @dataclass
-class RLParallelConfig:
-    engine: Literal["deepspeed"] = "deepspeed"
-    """Training backend of the policy and the critic."""
-    zero_stage: int = 3
-    """DeepSpeed ZeRO stage: 1, 2 or 3 (AutoTP needs <= 2)."""
-    autotp_size: int = 1
-    """DeepSpeed AutoTP tensor-parallel size of the trainer."""
-    offload_optimizer: bool = False
-    """Keep optimizer states in CPU memory (ZeRO offload)."""
-
-    def validate(self, prefix: str) -> None:
-        _validate_engine(prefix, self)
+class RLParallelConfig(EngineConfig):
+    """Training backend and layout of the policy and the critic (both use the same)."""
 
 
 @dataclass
@@ -484,10 +524,7 @@ class RLConfig:
         _validate_sections(self)
 
     def validate_world(self, world_size: int) -> None:
-        if world_size % self.parallel.autotp_size:
-            raise ConfigError(
-                f"parallel.autotp_size ({self.parallel.autotp_size}) must divide the world size ({world_size})")
-        dp = world_size // self.parallel.autotp_size
+        dp = self.parallel.data_parallel_size(world_size)
         if self.rollout.prompts_per_step % dp:
             raise ConfigError(
                 f"rollout.prompts_per_step ({self.rollout.prompts_per_step}) must be divisible by the "

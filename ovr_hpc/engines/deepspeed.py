@@ -1,44 +1,20 @@
-"""DeepSpeed training engine: ZeRO-1/2/3 and AutoTP behind the small engine surface the loops use.
+"""DeepSpeed training engine: ZeRO-1/2/3 and AutoTP behind the engine surface of `ovr_hpc.engines.base`.
 
-Surface (the Megatron-core engine offers the same): `module` (call it to run a forward), `backward`,
-`step`, `lr`, `grad_norm`, `save`, `load`, `full_state_dict` (rank 0, for export), `iter_full_params`
-(every rank, streamed, for the rollout engine), and the parallel layout (`dp_rank`, `dp_size`,
-`tp_size`, `tp_group`).
-
-Two ways to accumulate gradients: `grad_accum_steps=N` lets DeepSpeed count N micro-batches per
-optimizer step (the cold start: a fixed number of rows per rank); `grad_accum_steps=None` leaves the
-boundary to the caller (`backward(loss, last=...)` then one `step()`), for RL's micro-batches cut by a
-token budget.
+Gradient accumulation is ours: DeepSpeed sees one micro-batch per "step" and we mark the last
+micro-batch of an update as the accumulation boundary (micro-batches are cut by rows in the cold start
+and by a token budget in RL, so their number varies).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Callable
-
 import torch
 from torch import nn
 
-
-def lr_lambda(schedule, total_steps: int) -> Callable[[int], float]:
-    """Warm-up then cosine / linear / constant, as a multiplier of the peak lr (pure, unit-tested)."""
-    warmup = schedule.warmup_steps
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule.kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
-        floor = schedule.min_lr_ratio
-        if schedule.kind == "linear":
-            return floor + (1 - floor) * (1 - progress)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
+from ovr_hpc import dist
+from ovr_hpc.engines.base import as_floats, lr_lambda
 
 
-def ds_config(parallel, optimizer, dtype: str, grad_accum: int) -> dict:
+def ds_config(parallel, optimizer, dtype: str) -> dict:
     zero: dict = {"stage": parallel.zero_stage}
     if parallel.zero_stage == 3:
         # keep whole-model gathers bounded and let the 16-bit consolidation work for exports
@@ -48,7 +24,7 @@ def ds_config(parallel, optimizer, dtype: str, grad_accum: int) -> dict:
     config: dict = {
         # a micro-batch is one packed row to DeepSpeed (our rows of samples are concatenated before the forward)
         "train_micro_batch_size_per_gpu": 1,
-        "gradient_accumulation_steps": grad_accum,
+        "gradient_accumulation_steps": 1,  # the boundary is set by forward_backward
         "gradient_clipping": optimizer.grad_clip,
         "zero_optimization": zero,
         # our torch AdamW (fused on GPUs) rather than DeepSpeed's JIT-built ones
@@ -68,14 +44,12 @@ def ds_config(parallel, optimizer, dtype: str, grad_accum: int) -> dict:
 
 class DeepSpeedEngine:
     def __init__(self, module: nn.Module, parallel, optimizer, dtype: str, world_size: int, total_steps: int,
-                 schedule, grad_accum_steps: int | None, external_params: tuple = ()):
+                 schedule, external_params: tuple = ()):
         import deepspeed
         from deepspeed.utils import groups
 
         self.parallel = parallel
-        self.manual_accumulation = grad_accum_steps is None
-        grad_accum = grad_accum_steps or 1
-        config = ds_config(parallel, optimizer, dtype, grad_accum)
+        config = ds_config(parallel, optimizer, dtype)
         params = [p for p in module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(
             params, lr=optimizer.lr, betas=tuple(optimizer.betas), eps=optimizer.eps,
@@ -90,9 +64,8 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=module, optimizer=opt, lr_scheduler=scheduler, config=config
         )
-        self.module = self.engine  # call it like the wrapped module
-        self.grad_accum = grad_accum
-        self.tp_size = parallel.autotp_size
+        self.device = dist.device()
+        self.tp_size = self.model_parallel_size = parallel.autotp_size
         self.tp_group = groups.get_tensor_model_parallel_group() if self.tp_size > 1 else None
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         # DeepSpeed's AutoTP groups are consecutive ranks: [0..tp-1], [tp..2tp-1], ...
@@ -103,14 +76,21 @@ class DeepSpeedEngine:
         if self.tp_group is not None and isinstance(head, nn.Module) and head.weight.shape[0] < vocab:
             module.tp_group = self.tp_group  # AutoTP split the LM head over the vocabulary: reduce across TP
 
-    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
-        """With manual accumulation, `last` marks the micro-batch after which `step()` is called."""
-        if self.manual_accumulation:
-            self.engine.set_gradient_accumulation_boundary(last)
-        self.engine.backward(loss)
+    def forward(self, micro_batches, **kwargs) -> list:
+        with torch.no_grad():
+            return [self.engine(**mb.to(self.device).model_inputs(), **kwargs) for mb in micro_batches]
+
+    def forward_backward(self, micro_batches, loss_fn, **kwargs) -> list[dict]:
+        stats = []
+        for j, mb in enumerate(micro_batches):
+            loss, values = loss_fn(j, self.engine(**mb.to(self.device).model_inputs(), **kwargs))
+            self.engine.set_gradient_accumulation_boundary(j == len(micro_batches) - 1)
+            self.engine.backward(loss)
+            stats.append(as_floats(values))
+        return stats
 
     def step(self) -> None:
-        """Managed: after every micro-batch (DeepSpeed steps at the boundary). Manual: once per update."""
+        """Once per update, after forward_backward."""
         self.engine.step()
 
     def grad_norm(self) -> float:
@@ -121,9 +101,8 @@ class DeepSpeedEngine:
         return self.scheduler.get_last_lr()[0]
 
     def loss_scale_for_mean(self) -> float:
-        """Multiply a loss `sum / N_global` by this: DeepSpeed divides by its accumulation steps (managed
-        mode) and averages gradients over the data-parallel ranks."""
-        return float((1 if self.manual_accumulation else self.grad_accum) * self.dp_size)
+        """Multiply a loss `sum / N_global` by this: DeepSpeed averages gradients over data-parallel ranks."""
+        return float(self.dp_size)
 
     def save(self, directory: str, client_state: dict) -> None:
         """All ranks: model, optimizer and scheduler state (sharded as trained) into `directory`."""
@@ -145,7 +124,6 @@ class DeepSpeedEngine:
             return None
         prefix = "model."
         return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
-
 
     def iter_full_params(self):
         """Every rank: (HF name, full tensor) for each parameter, gathered one module at a time

@@ -24,9 +24,9 @@ from ovr_hpc.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, 
 from ovr_hpc.config import RLConfig, dump_config, to_dict
 from ovr_hpc.data.dataset import IGNORE_INDEX, Collator, rows_at
 from ovr_hpc.data.templates import TokenizedSample
-from ovr_hpc.engines.deepspeed import DeepSpeedEngine
+from ovr_hpc.engines.base import build_engine
 from ovr_hpc.metrics import MetricsLogger
-from ovr_hpc.models.loading import TokenLogprobs, load_critic, load_processor, load_vlm
+from ovr_hpc.models.loading import TokenLogprobs, load_processor, load_vlm
 from ovr_hpc.rl import advantages as adv_fns
 from ovr_hpc.rl import losses
 from ovr_hpc.rl.prompts import load_rl_prompts, stop_strings, to_rollout_prompt
@@ -122,18 +122,12 @@ def train(cfg: RLConfig) -> dict:
     has_images = any(p.images for p in prompts)
 
     # ---- policy, critic, rollout engine, reward workers
-    policy_model = load_vlm(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.freeze_vision,
-                            cfg.model.gradient_checkpointing)
-    policy = DeepSpeedEngine(TokenLogprobs(policy_model), cfg.parallel, cfg.optimizer, cfg.model.dtype,
-                             info.world_size, total_steps, cfg.schedule, grad_accum_steps=None,
-                             external_params=(policy_model.lm_head.weight,))
+    policy = build_engine("policy", cfg.model, cfg.parallel, cfg.optimizer, cfg.schedule, total_steps, info.world_size)
     engines = {"policy": policy}
     critic = None
     if alg.advantage == "gae":
-        critic_model = load_critic(cfg.critic.path or cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation,
-                                   cfg.model.freeze_vision, cfg.model.gradient_checkpointing, seed=cfg.seed)
-        critic = DeepSpeedEngine(critic_model, cfg.parallel, cfg.critic.optimizer, cfg.model.dtype, info.world_size,
-                                 total_steps, cfg.schedule, grad_accum_steps=None)
+        critic = build_engine("critic", cfg.model, cfg.parallel, cfg.critic.optimizer, cfg.schedule, total_steps,
+                              info.world_size, model_path=cfg.critic.path, seed=cfg.seed)
         engines["critic"] = critic
     reference = None
     if alg.kl_coef > 0:  # a frozen copy of the initial policy, outside the engine
@@ -207,16 +201,16 @@ def train(cfg: RLConfig) -> dict:
         num_micro = int(dist.all_reduce_max(len(groups)))
         groups += [[] for _ in range(num_micro - len(groups))]  # empty ones run a no-loss dummy forward
         micro = [make_micro_batch(collator, batch, g) for g in groups]
-        with torch.no_grad():
-            for g, mb in zip(groups, micro):
-                lp, _ = policy.module(**mb.model_inputs(), temperature=ro.temperature)
-                batch.old_logprobs += gather_from_positions(lp, mb.targets, [batch.response_len[i] for i in g])
-                if critic is not None:
-                    v = critic.module(**mb.model_inputs())
-                    batch.values += gather_from_positions(v, mb.targets, [batch.response_len[i] for i in g])
-                if reference is not None:
+        old = policy.forward(micro, temperature=ro.temperature)
+        old_values = critic.forward(micro) if critic is not None else [None] * len(micro)
+        for g, mb, (lp, _), v in zip(groups, micro, old, old_values):
+            batch.old_logprobs += gather_from_positions(lp, mb.targets, [batch.response_len[i] for i in g])
+            if v is not None:
+                batch.values += gather_from_positions(v, mb.targets, [batch.response_len[i] for i in g])
+            if reference is not None:
+                with torch.no_grad():
                     rlp, _ = reference(**mb.model_inputs(), temperature=ro.temperature)
-                    batch.ref_logprobs += gather_from_positions(rlp, mb.targets, [batch.response_len[i] for i in g])
+                batch.ref_logprobs += gather_from_positions(rlp, mb.targets, [batch.response_len[i] for i in g])
         times["logprobs"] = time.perf_counter() - t
 
         # ---- 4. advantages (GAE over tokens, or group-normalised rewards), normalised over the global batch
@@ -231,7 +225,7 @@ def train(cfg: RLConfig) -> dict:
             advantages = adv_fns.broadcast_to_tokens(group_adv.reshape(-1), padded_mask)
             returns = torch.zeros_like(advantages)
         sums = adv_fns.masked_moment_sums(advantages, padded_mask)
-        sums = torch.tensor(dist.all_reduce_sum(sums.tolist()), dtype=torch.float64) / policy.tp_size
+        sums = torch.tensor(dist.all_reduce_sum(sums.tolist()), dtype=torch.float64) / policy.model_parallel_size
         if alg.normalize_advantages:
             advantages = adv_fns.normalize_advantages(advantages, padded_mask, stats=adv_fns.moments_from_sums(sums))
         batch.advantages = [advantages[i, :n] for i, n in enumerate(batch.response_len)]
@@ -242,44 +236,50 @@ def train(cfg: RLConfig) -> dict:
         # ---- 5. policy update(s): token-level PPO over the global batch
         t = time.perf_counter()
         policy_stats = defaultdict(float)
+
+        def policy_loss(j, output):
+            lp, entropy = output
+            g, mb = groups[j], micro[j]
+            mask = (mb.targets != IGNORE_INDEX).float()
+            old = scatter_to_positions([batch.old_logprobs[i] for i in g], mb.targets)
+            adv = scatter_to_positions([batch.advantages[i] for i in g], mb.targets)
+            loss, stats = losses.ppo_policy_loss(lp, old, adv, mask, alg.clip_eps, alg.clip_eps_high,
+                                                 alg.dual_clip, normalizer=normalizer)
+            if alg.entropy_coef:
+                loss = loss - alg.entropy_coef * losses.masked_token_sum(entropy, mask, normalizer)
+            if reference is not None:
+                ref = scatter_to_positions([batch.ref_logprobs[i] for i in g], mb.targets)
+                kl = losses.kl_penalty(lp, ref, alg.kl_kind)
+                loss = loss + alg.kl_coef * losses.masked_token_sum(kl, mask, normalizer)
+                stats["kl_ref_sum"] = (kl.detach() * mask).sum().double()
+            stats["entropy_sum"] = (entropy.detach() * mask).sum().double()
+            return loss, stats
+
         for _ in range(alg.policy_updates_per_step):
-            for j, (g, mb) in enumerate(zip(groups, micro)):
-                lp, entropy = policy.module(**mb.model_inputs(), temperature=ro.temperature, return_entropy=True)
-                mask = (mb.targets != IGNORE_INDEX).float()
-                old = scatter_to_positions([batch.old_logprobs[i] for i in g], mb.targets)
-                adv = scatter_to_positions([batch.advantages[i] for i in g], mb.targets)
-                loss, stats = losses.ppo_policy_loss(lp, old, adv, mask, alg.clip_eps, alg.clip_eps_high,
-                                                     alg.dual_clip, normalizer=normalizer)
-                if alg.entropy_coef:
-                    loss = loss - alg.entropy_coef * losses.masked_token_sum(entropy, mask, normalizer)
-                if reference is not None:
-                    ref = scatter_to_positions([batch.ref_logprobs[i] for i in g], mb.targets)
-                    kl = losses.kl_penalty(lp, ref, alg.kl_kind)
-                    loss = loss + alg.kl_coef * losses.masked_token_sum(kl, mask, normalizer)
-                    stats["kl_ref_sum"] = (kl.detach() * mask).sum().double()
-                stats["entropy_sum"] = (entropy.detach() * mask).sum().double()
-                policy.backward(loss, last=j == len(micro) - 1)
+            for stats in policy.forward_backward(micro, policy_loss, temperature=ro.temperature, return_entropy=True):
                 for k, v in stats.items():
-                    policy_stats[k] = max(policy_stats[k], float(v)) if k == "ratio_max" else policy_stats[k] + float(v)
+                    policy_stats[k] = max(policy_stats[k], v) if k == "ratio_max" else policy_stats[k] + v
             policy.step()
         times["policy_update"] = time.perf_counter() - t
 
         # ---- 6. critic updates
         t = time.perf_counter()
-        critic_stats = defaultdict(float)
+
+        def critic_loss(j, v):
+            g, mb = groups[j], micro[j]
+            mask = (mb.targets != IGNORE_INDEX).float()
+            old_v = scatter_to_positions([batch.values[i] for i in g], mb.targets)
+            ret = scatter_to_positions([batch.returns[i] for i in g], mb.targets)
+            return losses.value_loss(v, old_v, ret, mask, alg.value_clip, normalizer=normalizer)
+
+        critic_stats, update_stats = defaultdict(float), []
         if critic is not None:
-            for update in range(alg.critic_updates_per_step):
-                for j, (g, mb) in enumerate(zip(groups, micro)):
-                    v = critic.module(**mb.model_inputs())
-                    mask = (mb.targets != IGNORE_INDEX).float()
-                    old_v = scatter_to_positions([batch.values[i] for i in g], mb.targets)
-                    ret = scatter_to_positions([batch.returns[i] for i in g], mb.targets)
-                    loss, stats = losses.value_loss(v, old_v, ret, mask, alg.value_clip, normalizer=normalizer)
-                    critic.backward(loss, last=j == len(micro) - 1)
-                    if update == alg.critic_updates_per_step - 1:
-                        for k, val in stats.items():
-                            critic_stats[k] += float(val)
+            for _ in range(alg.critic_updates_per_step):
+                update_stats = critic.forward_backward(micro, critic_loss)
                 critic.step()
+            for stats in update_stats:  # of the last update
+                for k, v in stats.items():
+                    critic_stats[k] += v
         times["critic_update"] = time.perf_counter() - t
 
         # ---- 7. the new policy's weights to the rollout engine
@@ -290,12 +290,12 @@ def train(cfg: RLConfig) -> dict:
         # ---- 8. metrics (sums all-reduced; per-source accuracy gathered)
         step += 1
         step_tokens = sum(lengths)
-        values = step_metrics(batch, policy_stats, critic_stats, policy.tp_size, critic is not None)
+        values = step_metrics(batch, policy_stats, critic_stats, policy.model_parallel_size, critic is not None)
         tokens_seen += int(values.pop("_tokens"))
         seconds = time.perf_counter() - t_step
         values.update({f"time/{k}": v for k, v in times.items()})
         values.update({"time/step": seconds, "tokens_per_second": dist.all_reduce_sum([step_tokens])[0]
-                       / policy.tp_size / seconds, "lr": policy.lr(), "grad_norm": policy.grad_norm(),
+                       / policy.model_parallel_size / seconds, "lr": policy.lr(), "grad_norm": policy.grad_norm(),
                        "max_response_len": params.max_new_tokens, **report.as_metrics()})
         if critic is not None:
             values.update({"critic/lr": critic.lr(), "critic/grad_norm": critic.grad_norm()})
@@ -345,8 +345,9 @@ def make_micro_batch(collator: Collator, batch: Rollouts, group: list[int]):
     return collator([batch.samples[i] for i in group], group).to(dist.device())
 
 
-def step_metrics(batch: Rollouts, policy_stats: dict, critic_stats: dict, tp_size: int, has_critic: bool) -> dict:
-    """Global metrics of the step: every rank contributes sums; TP replicas are divided out."""
+def step_metrics(batch: Rollouts, policy_stats: dict, critic_stats: dict, replica_ranks: int, has_critic: bool) -> dict:
+    """Global metrics of the step: every rank contributes sums; the `replica_ranks` ranks that share one
+    data shard (tensor / pipeline parallelism) are divided out."""
     n = len(batch.rewards)
     lengths = torch.tensor(batch.response_len, dtype=torch.float64)
     gap = [(a - b).abs() for a, b in zip(batch.vllm_logprobs, batch.old_logprobs) if a.numel() == b.numel()]
@@ -360,7 +361,7 @@ def step_metrics(batch: Rollouts, policy_stats: dict, critic_stats: dict, tp_siz
         **{f"c_{k}": v for k, v in critic_stats.items()},
     }
     keys = sorted(local)
-    reduced = dict(zip(keys, (x / tp_size for x in dist.all_reduce_sum([float(local[k]) for k in keys]))))
+    reduced = dict(zip(keys, (x / replica_ranks for x in dist.all_reduce_sum([float(local[k]) for k in keys]))))
     length_max = dist.all_reduce_max(float(lengths.max()) if n else 0.0)
     gap_max = dist.all_reduce_max(float(gap_all.max()) if gap_all.numel() else 0.0)
     ratio_max = dist.all_reduce_max(policy_stats.get("ratio_max", 0.0))
@@ -395,7 +396,7 @@ def step_metrics(batch: Rollouts, policy_stats: dict, critic_stats: dict, tp_siz
     merged = defaultdict(lambda: [0.0, 0])
     for d in gathered:
         for src, (c, m) in d.items():
-            merged[src][0] += c / tp_size
-            merged[src][1] += m / tp_size
+            merged[src][0] += c / replica_ranks
+            merged[src][1] += m / replica_ranks
     out.update({f"accuracy/{src}": c / m for src, (c, m) in merged.items() if m})
     return out

@@ -18,9 +18,9 @@ from ovr_hpc import dist
 from ovr_hpc.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from ovr_hpc.config import ColdStartConfig, dump_config, to_dict
 from ovr_hpc.data.dataset import Collator, build_rows, prepare_sft_dataset, rows_at
-from ovr_hpc.engines.deepspeed import DeepSpeedEngine
+from ovr_hpc.engines.base import build_engine
 from ovr_hpc.metrics import MetricsLogger
-from ovr_hpc.models.loading import TokenLogprobs, load_processor, load_vlm
+from ovr_hpc.models.loading import load_processor
 
 
 def seed_everything(seed: int) -> None:
@@ -54,13 +54,9 @@ def train(cfg: ColdStartConfig) -> dict:
     log(f"{len(dataset)} samples in {len(rows)} rows of <= {cfg.data.max_seq_len} tokens; "
         f"{total_steps} steps of {global_batch} rows")
 
-    # ---- model and engine
-    model = load_vlm(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation, cfg.model.freeze_vision,
-                     cfg.model.gradient_checkpointing)
-    engine = DeepSpeedEngine(TokenLogprobs(model), cfg.parallel, cfg.optimizer, cfg.model.dtype, info.world_size,
-                             total_steps, cfg.schedule, cfg.parallel.grad_accum_steps(info.world_size),
-                             external_params=(model.lm_head.weight,))
-    device = dist.device()
+    # ---- model and engine (DeepSpeed or Megatron-core, by parallel.engine)
+    engine = build_engine("policy", cfg.model, cfg.parallel, cfg.optimizer, cfg.schedule, total_steps,
+                          info.world_size)
     collator = Collator(processor, cfg.data.min_pixels, cfg.data.max_pixels, always_run_vision=dataset.has_images)
     rows_per_rank = global_batch // engine.dp_size
 
@@ -92,20 +88,21 @@ def train(cfg: ColdStartConfig) -> dict:
         # token-mean over the whole global batch: every rank needs the global loss-token count up front
         local_tokens = sum(mb.num_loss_tokens for mb in micro_batches)
         local_real = sum(mb.num_tokens for mb in micro_batches)
-        global_loss_tokens, global_real = (x / engine.tp_size for x in dist.all_reduce_sum([local_tokens, local_real]))
-        loss_sum = 0.0
-        for mb in micro_batches:
-            logprobs, _ = engine.module(**mb.to(device).model_inputs())
-            token_loss_sum = -logprobs.sum()
-            engine.backward(token_loss_sum * engine.loss_scale_for_mean() / global_loss_tokens)
-            engine.step()
-            loss_sum += token_loss_sum.item()
-        (loss_sum,) = dist.all_reduce_sum([loss_sum])
+        global_loss_tokens, global_real = (x / engine.model_parallel_size
+                                           for x in dist.all_reduce_sum([local_tokens, local_real]))
+
+        def token_mean_loss(j, output):
+            token_loss_sum = -output[0].sum()
+            return token_loss_sum * engine.loss_scale_for_mean() / global_loss_tokens, {"loss_sum": token_loss_sum}
+
+        stats = engine.forward_backward(micro_batches, token_mean_loss)
+        engine.step()
+        (loss_sum,) = dist.all_reduce_sum([sum(s["loss_sum"] for s in stats)])
         step += 1
         tokens_seen += int(global_real)
         seconds = time.perf_counter() - t0
         metrics.log(step, {
-            "loss": loss_sum / engine.tp_size / global_loss_tokens,
+            "loss": loss_sum / engine.model_parallel_size / global_loss_tokens,
             "lr": engine.lr(),
             "grad_norm": engine.grad_norm(),
             "tokens_per_second": global_real / seconds,

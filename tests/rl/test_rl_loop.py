@@ -69,7 +69,7 @@ def test_weight_sync_serves_the_updated_policy(tiny_model_dir, processor, monkey
     dist.init_distributed()
     model = load_vlm(tiny_model_dir, "float32", "sdpa")
     engine = DeepSpeedEngine(TokenLogprobs(model), RLParallelConfig(zero_stage=2), OptimizerConfig(lr=5e-2),
-                             "float32", 1, 10, ScheduleConfig(kind="constant"), grad_accum_steps=None,
+                             "float32", 1, 10, ScheduleConfig(kind="constant"),
                              external_params=(model.lm_head.weight,))
     rollout = HFRolloutEngine(load_vlm(tiny_model_dir, "float32", "sdpa"), processor, 3136, 50176)
     prompt = [Prompt("Say something.")]
@@ -80,8 +80,7 @@ def test_weight_sync_serves_the_updated_policy(tiny_model_dir, processor, monkey
 
     ids = processor.tokenizer("one two three four")["input_ids"]
     mb = Collator(processor, 3136, 50176)([TokenizedSample(ids, [(1, len(ids))])])
-    logprobs, _ = engine.module(**mb.model_inputs())
-    engine.backward(-logprobs.sum(), last=True)
+    engine.forward_backward([mb], lambda j, out: (-out[0].sum(), {}))
     engine.step()
 
     rollout.load_weights(engine.iter_full_params())

@@ -33,7 +33,7 @@ def _single_process_env(monkeypatch):
 
 def test_lr_schedule():
     from ovr_hpc.config import ScheduleConfig
-    from ovr_hpc.engines.deepspeed import lr_lambda
+    from ovr_hpc.engines.base import lr_lambda
 
     f = lr_lambda(ScheduleConfig(warmup_steps=2, kind="cosine", min_lr_ratio=0.1), total_steps=12)
     assert [f(0), f(1)] == [0.5, 1.0]

@@ -1,0 +1,72 @@
+"""What the stage loops need from a training engine, and the one place that builds one.
+
+Two engines implement the surface: `deepspeed.DeepSpeedEngine` (ZeRO-1/2/3, AutoTP) and
+`megatron.engine.MegatronEngine` (megatron-core tensor x pipeline parallelism). The loops call only:
+
+* ``forward(micro_batches, **kwargs) -> [output per micro-batch]`` without gradients, on every rank
+  (the policy's output is ``(logprobs [T], entropy [T] | None)``, the critic's ``values [T]``);
+* ``forward_backward(micro_batches, loss_fn, **kwargs) -> [stats per micro-batch]``: gradients of
+  ``loss_fn(j, output) -> (loss, {name: number})`` accumulated over the micro-batches (a pipeline
+  engine runs them through its schedule; the stats reach every rank);
+* ``step()`` once per optimizer update, then ``lr()``, ``grad_norm()``;
+* ``save(dir, client_state)`` / ``load(dir) -> client_state`` (all ranks), ``full_state_dict()`` (rank 0
+  gets HF names and full tensors, for export), ``iter_full_params()`` (every rank, streamed, for the
+  rollout engine);
+* the layout: ``dp_rank``, ``dp_size`` (which share of the data this rank trains on),
+  ``model_parallel_size`` (ranks that hold one replica and see the same data: sums all-reduced over the
+  world count each sample that many times), ``loss_scale_for_mean()`` (multiply a ``sum / N_global``
+  loss by it: the engine averages gradients over data-parallel ranks).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+
+def lr_lambda(schedule, total_steps: int) -> Callable[[int], float]:
+    """Warm-up then cosine / linear / constant, as a multiplier of the peak lr (pure, unit-tested)."""
+    warmup = schedule.warmup_steps
+
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule.kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        floor = schedule.min_lr_ratio
+        if schedule.kind == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def as_floats(stats: dict) -> dict[str, float]:
+    """A loss function's stats as plain numbers (detached from the graph)."""
+    return {k: float(v.detach()) if hasattr(v, "detach") else float(v) for k, v in stats.items()}
+
+
+def build_engine(role: str, model_cfg, parallel, optimizer, schedule, total_steps: int, world_size: int,
+                 model_path: str | None = None, seed: int = 0):
+    """The policy (`role="policy"`: log-probs through the fused kernel) or the critic (`"critic"`: a value
+    head on the last hidden state) on the configured engine, from `model_path` (default model_cfg.path)."""
+    path = model_path or model_cfg.path
+    if parallel.engine == "megatron":
+        from ovr_hpc.engines.megatron.engine import MegatronEngine
+
+        return MegatronEngine(role, path, model_cfg, parallel, optimizer, schedule, total_steps, seed=seed)
+
+    from ovr_hpc.engines.deepspeed import DeepSpeedEngine
+    from ovr_hpc.models.loading import TokenLogprobs, load_critic, load_vlm
+
+    if role == "critic":
+        module = load_critic(path, model_cfg.dtype, model_cfg.attn_implementation, model_cfg.freeze_vision,
+                             model_cfg.gradient_checkpointing, seed=seed)
+        external = ()
+    else:
+        model = load_vlm(path, model_cfg.dtype, model_cfg.attn_implementation, model_cfg.freeze_vision,
+                         model_cfg.gradient_checkpointing)
+        module, external = TokenLogprobs(model), (model.lm_head.weight,)
+    return DeepSpeedEngine(module, parallel, optimizer, model_cfg.dtype, world_size, total_steps, schedule,
+                           external_params=external)

@@ -1,0 +1,1 @@
+"""Test-only support for running megatron-core on CPU processes (see shims.py)."""

@@ -1,0 +1,210 @@
+"""The megatron-core engine on gloo processes (CPU shims from tests/engines/mcore_cpu/shims.py):
+HF vs megatron log-probs at TP 2, PP 2 and TP 2 x PP 2 with an image, streamed parameters, training steps
+against the DeepSpeed engine, and save -> resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """Tiny Qwen2.5-VL with 2 KV heads (TP 2 splits whole groups) and 3 layers (uneven at PP 2)."""
+    from ovr_hpc.models.tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("mcore_engine") / "model", seed=0, hidden_size=128,
+                                num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=256))
+
+
+def _micro_batches(model_dir: str, image_dir: str):
+    """Two packed micro-batches: one with a 56x112 image (distinct height / width positions) inside a
+    sample with loss after it, packed with a text sample; one text-only (a dummy image runs the tower)."""
+    from PIL import Image
+
+    from ovr_hpc.data.dataset import Collator
+    from ovr_hpc.data.templates import TokenizedSample
+    from ovr_hpc.data.vision import num_image_tokens
+    from ovr_hpc.models.loading import load_processor
+
+    processor = load_processor(model_dir, 3136, 50176)
+    tok = processor.tokenizer
+    path = os.path.join(image_dir, "wide.png")
+    image = Image.new("RGB", (112, 56))
+    for x in range(112):
+        for y in range(56):
+            image.putpixel((x, y), (2 * x, 4 * y, (x * y) % 256))
+    image.save(path)
+    pad, start, end = (tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    before, after = tok("Describe the picture:")["input_ids"], tok("a gradient of red and green, wide.")["input_ids"]
+    ids = before + [start] + [pad] * num_image_tokens(56, 112) + [end] + after
+    with_image = TokenizedSample(ids, [(len(ids) - len(after), len(ids))], [path], [(56, 112)], "img")
+    text = tok("seven plus five is twelve, and twelve minus three is nine")["input_ids"]
+    text2 = tok("the quick brown fox jumps over the lazy dog")["input_ids"]
+    collator = Collator(processor, 3136, 50176, always_run_vision=True)
+    return [collator([with_image, TokenizedSample(text, [(2, len(text))])]),
+            collator([TokenizedSample(text2, [(1, len(text2))])])]
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    from tests.engines.mcore_cpu import shims
+
+    shims.install()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def _configs(engine: str, tp: int = 1, pp: int = 1, lr: float = 2e-3):
+    from ovr_hpc.config import ModelConfig, OptimizerConfig, RLParallelConfig, ScheduleConfig
+
+    model = ModelConfig(dtype="float32", attn_implementation="sdpa", freeze_vision=False)
+    if engine == "megatron":
+        parallel = RLParallelConfig(engine="megatron", tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                    megatron_spec="local")
+    else:
+        parallel = RLParallelConfig(zero_stage=2)
+    # Adam's eps well above float noise: gradients that are exactly zero in theory (the key bias's: softmax
+    # ignores a per-query constant) are rounding noise, which eps=1e-8 would blow up to full lr-sized steps
+    optimizer = OptimizerConfig(lr=lr, eps=1e-5, grad_clip=0.05)
+    return model, parallel, optimizer, ScheduleConfig(kind="cosine", warmup_steps=1)
+
+
+def _token_mean_loss(micro):
+    total = sum(mb.num_loss_tokens for mb in micro)
+    return lambda j, out: (-out[0].sum() / total, {"loss_sum": -out[0].sum()})
+
+
+def _train(engine, micro, steps: int) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        stats = engine.forward_backward(micro, _token_mean_loss(micro))
+        engine.step()
+        losses.append(sum(s["loss_sum"] for s in stats) / sum(mb.num_loss_tokens for mb in micro))
+    return losses
+
+
+def _build(engine_kind, model_dir, tp=1, pp=1, role="policy", total_steps=8):
+    from ovr_hpc.engines.base import build_engine
+
+    model, parallel, optimizer, schedule = _configs(engine_kind, tp, pp)
+    model.path = model_dir
+    world = torch.distributed.get_world_size()
+    return build_engine(role, model, parallel, optimizer, schedule, total_steps, world, seed=3)
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _worker_logprobs(rank, world, port, tp, pp, model_dir, tmp):
+    _init(rank, world, port)
+    from ovr_hpc.models.loading import TokenLogprobs, load_vlm
+
+    micro = _micro_batches(model_dir, tmp)
+    hf = load_vlm(model_dir, "float32", "sdpa")
+    engine = _build("megatron", model_dir, tp, pp)
+    assert (engine.tp_size, engine.pp_size, engine.model_parallel_size) == (tp, pp, tp * pp)
+    outputs = engine.forward(micro, temperature=0.7, return_entropy=True)
+    for mb, (lp, ent) in zip(micro, outputs):
+        with torch.no_grad():
+            ref_lp, ref_ent = TokenLogprobs(hf)(**mb.model_inputs(), temperature=0.7, return_entropy=True)
+        torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ent, ref_ent, atol=1e-5, rtol=0)
+    # the image changed the answer: its tokens reached the language model
+    assert (outputs[0][0] != 0).sum() > 0
+
+    # streamed parameters == the HF state dict, names and values, on every rank
+    reference = hf.state_dict()
+    streamed = dict(engine.iter_full_params())
+    assert sorted(streamed) == sorted(reference)
+    for name, t in streamed.items():
+        assert torch.equal(t, reference[name]), name
+    full = engine.full_state_dict()
+    assert (full is not None) == (rank == 0)
+    torch.distributed.destroy_process_group()
+
+
+def _worker_train(rank, world, port, engine_kind, tp, pp, model_dir, tmp, out):
+    _init(rank, world, port)
+    micro = _micro_batches(model_dir, tmp)
+    engine = _build(engine_kind, model_dir, tp, pp)
+    losses = _train(engine, micro, 4)
+    norms = engine.grad_norm()
+    state = engine.full_state_dict()
+    if rank == 0:
+        torch.save({"losses": losses, "grad_norm": norms, "state": state, "lr": engine.lr()}, out)
+    torch.distributed.destroy_process_group()
+
+
+def _worker_resume(rank, world, port, tp, pp, model_dir, tmp, out):
+    _init(rank, world, port)
+    micro = _micro_batches(model_dir, tmp)
+    ckpt = os.path.join(tmp, "ckpt")
+    engine = _build("megatron", model_dir, tp, pp)
+    _train(engine, micro, 2)
+    engine.save(ckpt, {"train_state": {"step": 2}})
+    lr_at_save = engine.lr()
+    straight = _train(engine, micro, 2)
+    straight_state = engine.full_state_dict()
+
+    resumed_engine = _build("megatron", model_dir, tp, pp)
+    client = resumed_engine.load(ckpt)
+    assert client == {"train_state": {"step": 2}}
+    assert resumed_engine.lr() == pytest.approx(lr_at_save)
+    resumed = _train(resumed_engine, micro, 2)
+    resumed_state = resumed_engine.full_state_dict()
+    if rank == 0:
+        json.dump({"straight": straight, "resumed": resumed}, open(out, "w"))
+        for name, t in straight_state.items():
+            assert torch.equal(t, resumed_state[name]), name
+    torch.distributed.destroy_process_group()
+
+
+def _spawn(fn, world, *args):
+    mp.spawn(fn, args=(world, _free_port(), *args), nprocs=world, join=True)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
+def test_logprobs_and_streamed_params_match_hf(model_dir, tmp_path, tp, pp):
+    _spawn(_worker_logprobs, tp * pp, tp, pp, model_dir, str(tmp_path))
+
+
+def test_tp2_training_matches_deepspeed(model_dir, tmp_path):
+    """4 AdamW steps (warm-up + cosine, clipping active) on the same data: megatron TP 2 vs DeepSpeed."""
+    _spawn(_worker_train, 1, "deepspeed", 1, 1, model_dir, str(tmp_path), str(tmp_path / "ds.pt"))
+    _spawn(_worker_train, 2, "megatron", 2, 1, model_dir, str(tmp_path), str(tmp_path / "mc.pt"))
+    ds, mc = torch.load(tmp_path / "ds.pt"), torch.load(tmp_path / "mc.pt")
+    assert ds["losses"][-1] < ds["losses"][0] - 0.05  # it trains
+    assert mc["losses"] == pytest.approx(ds["losses"], abs=1e-5)
+    assert mc["grad_norm"] == pytest.approx(ds["grad_norm"], rel=1e-4)
+    assert mc["lr"] == pytest.approx(ds["lr"])
+    assert sorted(mc["state"]) == sorted(ds["state"])
+    for name, t in mc["state"].items():
+        torch.testing.assert_close(t, ds["state"][name], atol=2e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_save_resume_continues_identically(model_dir, tmp_path, tp, pp):
+    out = tmp_path / "resume.json"
+    _spawn(_worker_resume, tp * pp, tp, pp, model_dir, str(tmp_path), str(out))
+    result = json.load(open(out))
+    assert result["resumed"] == result["straight"]
