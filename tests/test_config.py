@@ -118,3 +118,135 @@ def test_readme_documents_every_key(stage):
 
     for key in keys(STAGES[stage]()):
         assert f"`{key}`" in readme, f"README.md does not document {stage} key {key}"
+
+
+# ----------------------------------------------------------------------------- megatron layouts
+
+# Qwen2.5-VL language models: hidden, layers, attention heads, KV heads, MLP intermediate size
+QWEN25VL_TEXT = {
+    "7b": (3584, 28, 28, 4, 18944),
+    "32b": (5120, 64, 40, 8, 27648),
+    "72b": (8192, 80, 64, 8, 29568),
+}
+
+
+def qwen25vl_dir(root, size, nested=True):
+    """A model directory holding only a Qwen2.5-VL config.json with `size`'s text sizes: nested under
+    `text_config` (as transformers writes it now) or at the top level (the hub's original files)."""
+    import json
+
+    hidden, layers, heads, kv, ffn = QWEN25VL_TEXT[size]
+    text = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv, "intermediate_size": ffn, "vocab_size": 152064,
+            "model_type": "qwen2_5_vl_text"}
+    config = {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+              "tie_word_embeddings": False,
+              "vision_config": {"depth": 32, "hidden_size": 1280, "num_heads": 16, "out_hidden_size": hidden}}
+    config.update({"text_config": text} if nested else text)
+    path = os.path.join(str(root), f"qwen25vl_{size}")
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def megatron(model_path, tp, pp=1, stage="coldstart", extra=()):
+    overrides = [f"model.path={model_path}", "data.train_files=[d.jsonl]", "checkpoint.output_dir=o",
+                 "parallel.engine=megatron", f"parallel.tensor_parallel_size={tp}",
+                 f"parallel.pipeline_parallel_size={pp}", *extra]
+    return load_config(stage, None, overrides)
+
+
+@pytest.mark.parametrize("nested", [True, False], ids=["text_config", "top_level"])
+def test_megatron_tp_must_divide_kv_heads(tmp_path, nested):
+    model = qwen25vl_dir(tmp_path, "7b", nested)
+    with pytest.raises(ConfigError) as e:
+        megatron(model, tp=8)
+    assert "parallel.tensor_parallel_size (8)" in str(e.value) and "4 KV heads" in str(e.value)
+    cfg = megatron(model, tp=4)
+    assert cfg.parallel.model_parallel_size == 4
+
+
+@pytest.mark.parametrize("stage", ["coldstart", "rl"])
+def test_megatron_pp_must_not_exceed_layers(tmp_path, stage):
+    model = qwen25vl_dir(tmp_path, "7b")
+    extra = ["rollout.engine=hf"] if stage == "rl" else []
+    with pytest.raises(ConfigError, match=r"parallel.pipeline_parallel_size \(29\).*exceeds the model's 28 layers"):
+        megatron(model, tp=1, pp=29, stage=stage, extra=extra)
+    megatron(model, tp=4, pp=28, stage=stage, extra=extra)  # one layer per stage is allowed
+
+
+@pytest.mark.parametrize("size, tp, pp", [("32b", 8, 2), ("72b", 8, 4), ("32b", 8, 1), ("72b", 4, 3)])
+def test_megatron_large_layouts_accepted(tmp_path, size, tp, pp):
+    cfg = megatron(qwen25vl_dir(tmp_path, size), tp, pp)
+    assert cfg.parallel.model_parallel_size == tp * pp
+
+
+@pytest.mark.parametrize("size", ["32b", "72b"])
+def test_megatron_large_tp16_rejected(tmp_path, size):
+    with pytest.raises(ConfigError, match=r"parallel.tensor_parallel_size \(16\).*8 KV heads"):
+        megatron(qwen25vl_dir(tmp_path, size), tp=16)
+
+
+@pytest.mark.parametrize("stage", ["coldstart", "rl"])
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.tensor_parallel_size=2"], "set parallel.engine=megatron"),
+    (["parallel.pipeline_parallel_size=2"], "set parallel.engine=megatron"),
+    (["parallel.engine=megatron", "parallel.autotp_size=2"],
+     "parallel.autotp_size (2) is DeepSpeed's: with parallel.engine=megatron use parallel.tensor_parallel_size"),
+    (["parallel.engine=megatron", "parallel.tensor_parallel_size=0"], "parallel.tensor_parallel_size (0) must be > 0"),
+    (["parallel.engine=megatron", "parallel.megatron_spec=apex"], "parallel.megatron_spec = 'apex': expected one of"),
+])
+def test_engine_keys_belong_to_their_engine(stage, overrides, message):
+    extra = ["rollout.engine=hf"] if stage == "rl" else []
+    with pytest.raises(ConfigError) as e:
+        load_config(stage, None, BASE + extra + overrides)
+    assert message in str(e.value)
+
+
+def test_megatron_world_size_layout():
+    cfg = load_config("coldstart", None, BASE + ["parallel.engine=megatron", "parallel.tensor_parallel_size=2",
+                                                 "parallel.pipeline_parallel_size=2", "parallel.global_batch_size=8",
+                                                 "parallel.micro_batch_size=2"])
+    assert cfg.parallel.data_parallel_size(8) == 2
+    cfg.parallel.validate_world(8)
+    assert cfg.parallel.grad_accum_steps(8) == 2 and cfg.parallel.grad_accum_steps(4) == 4
+    cfg.parallel.global_batch_size = 6  # not a multiple of dp 2 x micro 2
+    with pytest.raises(ConfigError, match=r"global_batch_size \(6\) must be divisible by data-parallel size \(2\) x "
+                                          r"parallel.micro_batch_size \(2\) = 4"):
+        cfg.validate_world(8)
+    with pytest.raises(ConfigError, match=r"parallel.tensor_parallel_size x parallel.pipeline_parallel_size \(4\) "
+                                          r"must divide the world size \(6\)"):
+        cfg.validate_world(6)
+
+
+def test_megatron_rl_world_size_layout():
+    cfg = load_config("rl", None, BASE + ["rollout.engine=hf", "parallel.engine=megatron",
+                                          "parallel.tensor_parallel_size=2", "parallel.pipeline_parallel_size=2",
+                                          "rollout.prompts_per_step=6"])
+    assert cfg.parallel.data_parallel_size(12) == 3
+    cfg.validate_world(12)
+    with pytest.raises(ConfigError, match=r"rollout.prompts_per_step \(6\) must be divisible by the data-parallel "
+                                          r"size \(4\)"):
+        cfg.validate_world(16)
+    with pytest.raises(ConfigError, match=r"\(4\) must divide the world size \(6\)"):
+        cfg.validate_world(6)
+
+
+@pytest.mark.parametrize("size, tp, pp, world", [("32b", 8, 2, 32), ("72b", 8, 4, 64)])
+@pytest.mark.parametrize("stage", ["coldstart", "rl"])
+def test_large_configs_layout(tmp_path, size, tp, pp, world, stage):
+    """configs/qwen25vl_{32b,72b}: megatron TP x PP, against the model's sizes, two replicas at their node count."""
+    path = os.path.join(REPO, "configs", f"qwen25vl_{size}", f"{stage}.yaml")
+    assert path in sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml")))  # test_shipped_configs_validate too
+    overrides = [f"model.path={qwen25vl_dir(tmp_path, size)}"] + (["rollout.engine=hf"] if stage == "rl" else [])
+    cfg = load_config(stage, path, overrides)
+    p = cfg.parallel
+    assert (p.engine, p.tensor_parallel_size, p.pipeline_parallel_size, p.megatron_spec) == ("megatron", tp, pp, "auto")
+    assert p.data_parallel_size(world) == 2
+    cfg.validate_world(world)
+    cfg.validate_world(2 * world)
+    with pytest.raises(ConfigError, match="must divide the world size"):
+        cfg.validate_world(world - 8)  # one node short
+    if stage == "coldstart":
+        assert p.global_batch_size == 640 and p.grad_accum_steps(world) == 320
