@@ -21,8 +21,8 @@ $(VENV)/.installed: setup.py
 	$(PIP) install --quiet $(TORCH) -e .
 	touch $@
 
-$(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install --quiet -e ".[test]"
+$(VENV)/.installed-test: $(VENV)/.installed Makefile
+	$(PIP) install --quiet -e ".[test,megatron]"
 	touch $@
 
 install: $(VENV)/.installed

