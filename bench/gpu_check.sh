@@ -10,6 +10,11 @@
 #   2. bench/vllm_gpu.py standalone vs colocated on the same GPU: weight-sync time per GiB, generation
 #      throughput, sleep/wake time and memory released (sleep mode: CUDA only, untested on CPUs),
 #      and the trainer/vLLM log-prob gap.
+#
+# ---- Megatron part: the megatron-core engine (ovr_hpc/engines/megatron), if megatron-core imports -----------
+#   bench/megatron_gpu.py on every visible GPU (torchrun, TP = number of GPUs, at most 4) and on one:
+#   HF vs megatron log-probs in bf16 with the vision tower (both against fp32), packed (THD with Transformer
+#   Engine) vs one row per sample, three optimizer steps with NCCL; the spec that ran (TE or local).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/gpu_check}
@@ -41,6 +46,25 @@ else
     "$PY" bench/vllm_gpu.py colocated --out "$OUT/vllm_colocated.json" > "$OUT/vllm_colocated.log" 2>&1 \
         || { echo "colocated run failed: $OUT/vllm_colocated.log" >&2; tail -20 "$OUT/vllm_colocated.log"; status=1; }
     ls "$OUT"/vllm_*.json >/dev/null 2>&1 && "$PY" bench/vllm_gpu.py report "$OUT"/vllm_*.json | tee "$OUT/vllm_report.md"
+fi
+
+echo "== Megatron-core engine"
+if ! "$PY" -c "import megatron.core" 2>/dev/null; then
+    echo "gpu_check: megatron-core is not importable by $PY: skipping (pip install 'ovr-hpc[megatron]')" >&2
+    status=3
+else
+    "$PY" -c "import megatron.core as m; print('megatron-core', m.__version__)"
+    "$PY" -c "import transformer_engine as te; print('transformer-engine', te.__version__)" 2>/dev/null \
+        || echo "transformer-engine: not importable (the local spec runs; packed rows use a dense mask)"
+    "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 bench/megatron_gpu.py --out "$OUT/megatron_tp1.json" \
+        > "$OUT/megatron_tp1.log" 2>&1 || { echo "megatron TP 1 failed: $OUT/megatron_tp1.log" >&2; tail -20 "$OUT/megatron_tp1.log"; status=1; }
+    ngpu=$("$PY" -c "import torch; print(min(4, torch.cuda.device_count()))")
+    if [ "$ngpu" -ge 2 ]; then
+        "$PY" -m torch.distributed.run --standalone --nproc_per_node="$ngpu" bench/megatron_gpu.py --tp "$ngpu" \
+            --out "$OUT/megatron_tp$ngpu.json" > "$OUT/megatron_tp$ngpu.log" 2>&1 \
+            || { echo "megatron TP $ngpu failed: $OUT/megatron_tp$ngpu.log" >&2; tail -20 "$OUT/megatron_tp$ngpu.log"; status=1; }
+    fi
+    cat "$OUT"/megatron_tp*.json 2>/dev/null
 fi
 
 exit $status

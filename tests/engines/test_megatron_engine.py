@@ -251,3 +251,27 @@ def test_tp2_checkpoint_resumes_at_pp2(model_dir, tmp_path):
     _spawn(_worker_reshard, 2, model_dir, str(tmp_path), str(out))
     result = json.load(open(out))
     assert result["pp2"] == pytest.approx(result["tp2"], abs=1e-5)
+
+
+def _worker_gpu_bench(rank, world, port, model_dir, tmp, out):
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+    import megatron_gpu
+
+    _init(rank, world, port)
+    results = megatron_gpu.run_checks(model_dir, tmp, tp=2, pp=1, dtype="float32", spec="local")
+    if rank == 0:
+        json.dump(results, open(out, "w"))
+    torch.distributed.destroy_process_group()
+
+
+def test_gpu_bench_script_runs_on_cpu(model_dir, tmp_path):
+    """bench/megatron_gpu.py's checks, in fp32 on the CPU: exact where the GPU run measures bf16 error."""
+    out = tmp_path / "bench.json"
+    _spawn(_worker_gpu_bench, 2, model_dir, str(tmp_path), str(out))
+    r = json.load(open(out))
+    assert r["spec"] == "local"
+    assert r["logprobs_bf16"]["megatron_vs_fp32_max"] < 1e-5
+    assert r["packed_vs_single"]["max_abs_diff"] < 1e-5
+    assert r["optimizer_step"]["losses"][-1] < r["optimizer_step"]["losses"][0]
