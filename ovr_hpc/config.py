@@ -286,6 +286,9 @@ def _validate_engine(prefix: str, parallel) -> None:
         if parallel.autotp_size != 1:
             raise ConfigError(f"{prefix}.autotp_size ({parallel.autotp_size}) is DeepSpeed's: with {prefix}.engine="
                               f"megatron use {prefix}.tensor_parallel_size")
+        if parallel.offload_optimizer:
+            raise ConfigError(f"{prefix}.offload_optimizer is DeepSpeed's ZeRO offload: the megatron engine keeps "
+                              "its optimizer states on the GPU (set it false, or add pipeline stages for memory)")
         return
     if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
         raise ConfigError(f"{prefix}.tensor_parallel_size / pipeline_parallel_size are megatron-core's: set "
@@ -314,12 +317,17 @@ def model_text_config(path: str) -> dict | None:
 
 def validate_megatron_against_model(config) -> None:
     """The tensor x pipeline layout against the model's heads, KV groups and layers (config.json only)."""
-    text = model_text_config(config.model.path)
-    if text is None:
-        return
     from ovr_hpc.engines.megatron.layout import validate_megatron_layout
 
-    validate_megatron_layout(text, config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
+    critic = getattr(config, "critic", None)
+    for key, path in (("model.path", config.model.path), ("critic.path", getattr(critic, "path", None))):
+        text = model_text_config(path) if path else None
+        if text is None:
+            continue
+        try:
+            validate_megatron_layout(text, config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
+        except ConfigError as e:
+            raise ConfigError(f"{e} ({key} = {path})") from None
 
 
 def validate_tp_against_model(path: str, tp: int, key: str) -> None:

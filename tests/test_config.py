@@ -93,6 +93,21 @@ def test_check_cli_rejects_fast():
     assert "config error: parallel.zero_stage (7) must be 1, 2 or 3" in proc.stderr
 
 
+def test_check_cli_overrides_after_options(capsys):
+    from ovr_hpc.cli import main
+
+    rc = main(["check", "coldstart", f"{REPO}/configs/tiny/coldstart.yaml", "--world-size", "2",
+               "parallel.global_batch_size=3"])
+    assert rc == 2
+    assert "parallel.global_batch_size (3) must be divisible" in capsys.readouterr().err
+
+
+def test_megatron_refuses_deepspeed_offload():
+    with pytest.raises(ConfigError, match="offload_optimizer is DeepSpeed's"):
+        load_config("rl", None, ["model.path=m", "data.train_files=[d.jsonl]", "checkpoint.output_dir=o",
+                                 "parallel.engine=megatron", "parallel.offload_optimizer=true"])
+
+
 def test_tensor_parallel_must_split_whole_heads(tiny_model_dir):
     with pytest.raises(ConfigError, match=r"parallel.autotp_size \(2\) must divide the model's num_key_value_heads \(1"):
         load_config("coldstart", None, [f"model.path={tiny_model_dir}", "data.train_files=[d.jsonl]",
