@@ -197,10 +197,12 @@ def test_logprobs_and_streamed_params_match_hf(model_dir, tmp_path, tp, pp):
     _spawn(_worker_logprobs, tp * pp, tp, pp, model_dir, str(tmp_path))
 
 
-def test_tp2_training_matches_deepspeed(model_dir, tmp_path):
-    """4 AdamW steps (warm-up + cosine, clipping active) on the same data: megatron TP 2 vs DeepSpeed."""
+@pytest.mark.parametrize("tp,dp", [(2, 1), (1, 2)])
+def test_training_matches_deepspeed(model_dir, tmp_path, tp, dp):
+    """4 AdamW steps (warm-up + cosine, clipping active) on the same data: megatron at TP 2, and at DP 2 (every
+    rank the same data; optimizer states sharded over the two ranks) vs DeepSpeed on one rank."""
     _spawn(_worker_train, 1, "deepspeed", 1, 1, model_dir, str(tmp_path), str(tmp_path / "ds.pt"))
-    _spawn(_worker_train, 2, "megatron", 2, 1, model_dir, str(tmp_path), str(tmp_path / "mc.pt"))
+    _spawn(_worker_train, tp * dp, "megatron", tp, 1, model_dir, str(tmp_path), str(tmp_path / "mc.pt"))
     ds, mc = torch.load(tmp_path / "ds.pt"), torch.load(tmp_path / "mc.pt")
     assert ds["losses"][-1] < ds["losses"][0] - 0.05  # it trains
     assert mc["losses"] == pytest.approx(ds["losses"], abs=1e-5)
@@ -211,17 +213,18 @@ def test_tp2_training_matches_deepspeed(model_dir, tmp_path):
         torch.testing.assert_close(t, ds["state"][name], atol=2e-5, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_save_resume_continues_identically(model_dir, tmp_path, tp, pp):
+@pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)])
+def test_save_resume_continues_identically(model_dir, tmp_path, tp, pp, dp):
     out = tmp_path / "resume.json"
-    _spawn(_worker_resume, tp * pp, tp, pp, model_dir, str(tmp_path), str(out))
+    _spawn(_worker_resume, tp * pp * dp, tp, pp, model_dir, str(tmp_path), str(out))
     result = json.load(open(out))
     assert result["resumed"] == result["straight"]
 
 
 def _worker_reshard(rank, world, port, model_dir, tmp, out):
-    """A TP 2 checkpoint loads at PP 2 (the distributed checkpoint is layout-free): same weights, and the
-    optimizer state carries over (the next steps' losses agree)."""
+    """A TP 2 checkpoint loads at PP 2, and a PP 2 one at DP 2 (optimizer states sharded over DP ranks): the
+    distributed checkpoint is layout-free: same weights, and the optimizer state carries over (the next
+    steps' losses agree)."""
     from megatron.core import parallel_state as ps
 
     _init(rank, world, port)
@@ -238,11 +241,21 @@ def _worker_reshard(rank, world, port, model_dir, tmp, out):
     engine = _build("megatron", model_dir, 1, 2)
     engine.load(ckpt)
     loaded = engine.full_state_dict()
+    ckpt_pp2 = os.path.join(tmp, "ckpt_pp2")
+    engine.save(ckpt_pp2, {"train_state": {"step": 2}})
     resumed = _train(engine, micro, 2)
+    del engine
+    ps.destroy_model_parallel()
+
+    engine = _build("megatron", model_dir, 1, 1)  # DP 2
+    engine.load(ckpt_pp2)
+    loaded_dp2 = engine.full_state_dict()
+    resumed_dp2 = _train(engine, micro, 2)
     if rank == 0:
         for name, t in saved.items():
             assert torch.equal(t, loaded[name]), name
-        json.dump({"tp2": continued, "pp2": resumed}, open(out, "w"))
+            assert torch.equal(t, loaded_dp2[name]), name
+        json.dump({"tp2": continued, "pp2": resumed, "dp2": resumed_dp2}, open(out, "w"))
     torch.distributed.destroy_process_group()
 
 
@@ -251,6 +264,17 @@ def test_tp2_checkpoint_resumes_at_pp2(model_dir, tmp_path):
     _spawn(_worker_reshard, 2, model_dir, str(tmp_path), str(out))
     result = json.load(open(out))
     assert result["pp2"] == pytest.approx(result["tp2"], abs=1e-5)
+    assert result["dp2"] == pytest.approx(result["tp2"], abs=1e-5)
+
+
+def test_optimizer_owners_balance_elements():
+    from ovr_hpc.engines.megatron.engine import owners_by_size
+
+    params = [torch.zeros(n) for n in (100, 60, 50, 40, 10, 5)]
+    owner = owners_by_size(params, 2)
+    load = [sum(p.numel() for p in params if owner[id(p)] == r) for r in range(2)]
+    assert load == [140, 125] and owner[id(params[0])] == 0  # 100+40 | 60+50+10+5
+    assert set(owners_by_size(params, 8).values()) == set(range(6))  # more ranks than parameters: some own none
 
 
 def _worker_gpu_bench(rank, world, port, model_dir, tmp, out):

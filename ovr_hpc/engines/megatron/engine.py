@@ -10,12 +10,12 @@ last stage computes the loss; what the loops need on every rank (old log-probs, 
 is broadcast from it over the pipeline group.
 
 Optimizer (ours, plain torch, the same on CPU and GPU): AdamW over fp32 parameters (they are the master
-weights; with ``model.dtype: bfloat16`` the forward runs under bf16 autocast on GPUs), gradients averaged
-over data-parallel ranks, replicated parameters' gradients (vision tower, norms, value head) averaged over
-tensor-parallel ranks, tied embeddings summed across the first and last stage, the global norm clipped
-over the model-parallel group. megatron-core's own DDP and distributed optimizer are not used: they need
-CUDA (so they could not be tested here) and shard the optimizer over data-parallel ranks, which this
-engine does not (see README, Megatron-core).
+weights; with ``model.dtype: bfloat16`` the forward runs under bf16 autocast on GPUs), its states sharded
+over data-parallel ranks by whole parameters (each DP rank updates the parameters it owns and broadcasts
+them); gradients averaged over data-parallel ranks, replicated parameters' gradients (vision tower, norms,
+value head) averaged over tensor-parallel ranks, tied embeddings summed across the first and last stage,
+the global norm clipped over the model-parallel group. megatron-core's own DDP and distributed optimizer
+are not used: they need CUDA, so they could not be tested here.
 
 Checkpoints: megatron-core distributed checkpointing (model and optimizer as sharded tensors, layout-free
 on disk), the scheduler and the loop's state as common state.
@@ -130,9 +130,16 @@ class MegatronEngine:
         self.tp_sharded = {id(t) for name, t in self.local_state_dict().items()
                            if not name.startswith(VISION_PREFIX) and tp_partition_dim(name) is not None}
 
+        # AdamW states sharded over data-parallel ranks (ZeRO-1 by whole parameters): each DP rank updates the
+        # parameters it owns and broadcasts them; 8 bytes of state per parameter become 8 / DP
+        self.owner = owners_by_size(self.params, self.dp_size)
+        self.owned = [p for p in self.params if self.owner[id(p)] == self.dp_rank]
+        # (a DP rank may own nothing when a stage has fewer parameters than there are DP ranks: AdamW needs one)
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=optimizer.lr, betas=tuple(optimizer.betas), eps=optimizer.eps,
-            weight_decay=optimizer.weight_decay, fused=torch.cuda.is_available() or None)
+            self.owned or [nn.Parameter(torch.zeros(0, device=self.device))], lr=optimizer.lr,
+            betas=tuple(optimizer.betas), eps=optimizer.eps, weight_decay=optimizer.weight_decay,
+            fused=torch.cuda.is_available() or None)
+        self.updates = 0
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(schedule, total_steps))
         self.grad_clip = optimizer.grad_clip
         self._grad_norm = float("nan")
@@ -269,7 +276,24 @@ class MegatronEngine:
         self._grad_norm = self._clip_grad_norm()
         self.optimizer.step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.dp_size > 1:
+            self._broadcast_from_owners()
+        for p in self.params:
+            p.grad = None
+        self.updates += 1
+
+    def _broadcast_from_owners(self) -> None:
+        """Every DP rank gets the parameters the others updated (one flat broadcast per owner and bucket)."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        for owner in range(self.dp_size):
+            src = torch.distributed.get_global_rank(self.dp_group, owner)
+            for chunk in _buckets([p.data for p in self.params if self.owner[id(p)] == owner]):
+                flat = _flatten_dense_tensors(chunk)
+                torch.distributed.broadcast(flat, src=src, group=self.dp_group)
+                if owner != self.dp_rank:
+                    for t, updated in zip(chunk, _unflatten_dense_tensors(flat, chunk)):
+                        t.copy_(updated)
 
     def _clip_grad_norm(self) -> float:
         """Global L2 norm over the whole model: tensor-parallel shards counted on every TP rank,
@@ -321,14 +345,18 @@ class MegatronEngine:
         state = self.optimizer.state_dict()
         if template:  # before the first step AdamW has no state: describe what the checkpoint holds
             state["state"] = {i: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-                              for i, p in enumerate(self.params)}
-        id_map = get_param_id_to_sharded_param_map(model_sharded, self.params)
+                              for i, p in enumerate(self.owned)}
+        id_map = get_param_id_to_sharded_param_map(model_sharded, self.owned)
         optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
+        for per_param in state["state"].values():
+            for sharded in per_param.values():
+                # only the owner holds this state: it is the main replica along the data-parallel axis (the
+                # model's replica id, whose last entry is the DP rank, would elect DP rank 0 instead)
+                if isinstance(sharded.replica_id, tuple):
+                    sharded.replica_id = (*sharded.replica_id[:-1], 0)
+                else:
+                    sharded.replica_id = 0
         return state
-
-    def _adam_step_count(self) -> float:
-        states = [self.optimizer.state[p] for p in self.params if p in self.optimizer.state]
-        return float(states[0]["step"]) if states else 0.0
 
     def save(self, directory: str, client_state: dict) -> None:
         """All ranks: sharded model + optimizer (megatron-core distributed checkpoint) into `directory`."""
@@ -341,7 +369,7 @@ class MegatronEngine:
             "model": model_sharded,
             "optimizer": self._sharded_optimizer_state_dict(model_sharded, template=False),
             "scheduler": self.scheduler.state_dict(),
-            "adam_steps": self._adam_step_count(),
+            "updates": self.updates,
             "client_state": client_state,
         }
         dist_checkpointing.save(state, directory)
@@ -356,11 +384,12 @@ class MegatronEngine:
         }
         loaded = dist_checkpointing.load(template, directory)
         self._copy_model_state(loaded["model"])
-        steps = loaded["adam_steps"]
+        self.updates = int(loaded["updates"])
         optim_state = self.optimizer.state_dict()
+        # every parameter takes part in every update, so AdamW's per-parameter step count is the update count
         optim_state["state"] = {
-            i: {**s, "step": torch.tensor(float(steps))} for i, s in loaded["optimizer"]["state"].items()
-        } if steps > 0 else {}
+            i: {**s, "step": torch.tensor(float(self.updates))} for i, s in loaded["optimizer"]["state"].items()
+        } if self.updates > 0 and self.owned else {}
         self.optimizer.load_state_dict(optim_state)
         self.scheduler.load_state_dict(loaded["scheduler"])
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
@@ -432,23 +461,39 @@ class MegatronEngine:
         return out if rank0 else None
 
 
+def owners_by_size(params: list[torch.Tensor], num_ranks: int) -> dict[int, int]:
+    """{id(param): rank}: whole parameters to ranks, largest first to the least loaded (ties to the lower
+    rank), so every rank holds about 1/num_ranks of the elements. Deterministic in the parameters' order
+    and shapes: every rank computes the same assignment."""
+    load = [0] * num_ranks
+    owner = {}
+    for i in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
+        rank = min(range(num_ranks), key=lambda r: (load[r], r))
+        owner[id(params[i])] = rank
+        load[rank] += params[i].numel()
+    return owner
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_elems: int = 1 << 26) -> Iterator[list[torch.Tensor]]:
+    """Consecutive tensors in lists of at most `bucket_elems` elements (a larger tensor goes alone)."""
+    chunk, elems = [], 0
+    for t in tensors:
+        if chunk and elems + t.numel() > bucket_elems:
+            yield chunk
+            chunk, elems = [], 0
+        chunk.append(t)
+        elems += t.numel()
+    if chunk:
+        yield chunk
+
+
 def _all_reduce_mean(tensors: list[torch.Tensor], group, size: int) -> None:
     """Average gradients over `group` in a few flat buckets (fewer collectives than one per tensor)."""
-    if not tensors:
-        return
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    bucket_elems = 1 << 26
-    start = 0
-    while start < len(tensors):
-        end, elems = start, 0
-        while end < len(tensors) and (end == start or elems + tensors[end].numel() <= bucket_elems):
-            elems += tensors[end].numel()
-            end += 1
-        chunk = tensors[start:end]
+    for chunk in _buckets(tensors):
         flat = _flatten_dense_tensors(chunk)
         torch.distributed.all_reduce(flat, group=group)
         flat.div_(size)
         for t, reduced in zip(chunk, _unflatten_dense_tensors(flat, chunk)):
             t.copy_(reduced)
-        start = end
