@@ -136,6 +136,9 @@ class EngineConfig:
     """Megatron-core tensor-parallel size: divides the KV heads (7B: 1, 2 or 4; 32B/72B: up to 8)."""
     pipeline_parallel_size: int = 1
     """Megatron-core pipeline stages (an uneven layer split is allowed and logged)."""
+    sequence_parallel: bool = False
+    """Megatron-core sequence parallelism (needs tensor_parallel_size > 1): norms and the residual stream
+    split over TP ranks along the sequence, dividing that activation memory by TP (long packed rows)."""
     megatron_spec: Literal["auto", "local", "te"] = "auto"
     """Megatron-core layer spec: te = Transformer Engine (packed rows as THD; GPUs), local = plain torch
     (packed rows through a block-causal mask), auto = te where it imports on a GPU."""
@@ -286,12 +289,16 @@ def _validate_engine(prefix: str, parallel) -> None:
         if parallel.autotp_size != 1:
             raise ConfigError(f"{prefix}.autotp_size ({parallel.autotp_size}) is DeepSpeed's: with {prefix}.engine="
                               f"megatron use {prefix}.tensor_parallel_size")
+        if parallel.sequence_parallel and parallel.tensor_parallel_size == 1:
+            raise ConfigError(f"{prefix}.sequence_parallel splits the sequence over tensor-parallel ranks: it needs "
+                              f"{prefix}.tensor_parallel_size > 1")
         if parallel.offload_optimizer:
             raise ConfigError(f"{prefix}.offload_optimizer is DeepSpeed's ZeRO offload: the megatron engine keeps "
                               "its optimizer states on the GPU (set it false, or add pipeline stages for memory)")
         return
-    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1:
-        raise ConfigError(f"{prefix}.tensor_parallel_size / pipeline_parallel_size are megatron-core's: set "
+    if parallel.tensor_parallel_size != 1 or parallel.pipeline_parallel_size != 1 or parallel.sequence_parallel:
+        raise ConfigError(f"{prefix}.tensor_parallel_size / pipeline_parallel_size / sequence_parallel are "
+                          f"megatron-core's: set "
                           f"{prefix}.engine=megatron, or use {prefix}.autotp_size with DeepSpeed")
     if parallel.zero_stage not in (1, 2, 3):
         raise ConfigError(f"{prefix}.zero_stage ({parallel.zero_stage}) must be 1, 2 or 3")

@@ -71,13 +71,13 @@ def _init(rank: int, world: int, port: int) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
 
 
-def _configs(engine: str, tp: int = 1, pp: int = 1, lr: float = 2e-3):
+def _configs(engine: str, tp: int = 1, pp: int = 1, lr: float = 2e-3, sp: bool = False):
     from ovr_hpc.config import ModelConfig, OptimizerConfig, RLParallelConfig, ScheduleConfig
 
     model = ModelConfig(dtype="float32", attn_implementation="sdpa", freeze_vision=False)
     if engine == "megatron":
         parallel = RLParallelConfig(engine="megatron", tensor_parallel_size=tp, pipeline_parallel_size=pp,
-                                    megatron_spec="local")
+                                    megatron_spec="local", sequence_parallel=sp)
     else:
         parallel = RLParallelConfig(zero_stage=2)
     # Adam's eps well above float noise: gradients that are exactly zero in theory (the key bias's: softmax
@@ -100,10 +100,10 @@ def _train(engine, micro, steps: int) -> list[float]:
     return losses
 
 
-def _build(engine_kind, model_dir, tp=1, pp=1, role="policy", total_steps=8):
+def _build(engine_kind, model_dir, tp=1, pp=1, role="policy", total_steps=8, sp=False):
     from ovr_hpc.engines.base import build_engine
 
-    model, parallel, optimizer, schedule = _configs(engine_kind, tp, pp)
+    model, parallel, optimizer, schedule = _configs(engine_kind, tp, pp, sp=sp)
     model.path = model_dir
     world = torch.distributed.get_world_size()
     return build_engine(role, model, parallel, optimizer, schedule, total_steps, world, seed=3)
@@ -112,13 +112,13 @@ def _build(engine_kind, model_dir, tp=1, pp=1, role="policy", total_steps=8):
 # ----------------------------------------------------------------------------- workers
 
 
-def _worker_logprobs(rank, world, port, tp, pp, model_dir, tmp):
+def _worker_logprobs(rank, world, port, tp, pp, sp, model_dir, tmp):
     _init(rank, world, port)
     from ovr_hpc.models.loading import TokenLogprobs, load_vlm
 
     micro = _micro_batches(model_dir, tmp)
     hf = load_vlm(model_dir, "float32", "sdpa")
-    engine = _build("megatron", model_dir, tp, pp)
+    engine = _build("megatron", model_dir, tp, pp, sp=sp)
     assert (engine.tp_size, engine.pp_size, engine.model_parallel_size) == (tp, pp, tp * pp)
     outputs = engine.forward(micro, temperature=0.7, return_entropy=True)
     for mb, (lp, ent) in zip(micro, outputs):
@@ -141,7 +141,7 @@ def _worker_logprobs(rank, world, port, tp, pp, model_dir, tmp):
     # the critic: same backbone, value head initialised from the seed as load_critic does
     from ovr_hpc.models.loading import load_critic
 
-    critic = _build("megatron", model_dir, tp, pp, role="critic")
+    critic = _build("megatron", model_dir, tp, pp, role="critic", sp=sp)
     hf_critic = load_critic(model_dir, "float32", "sdpa", seed=3)
     for mb, values in zip(micro, critic.forward(micro)):
         with torch.no_grad():
@@ -149,10 +149,10 @@ def _worker_logprobs(rank, world, port, tp, pp, model_dir, tmp):
     torch.distributed.destroy_process_group()
 
 
-def _worker_train(rank, world, port, engine_kind, tp, pp, model_dir, tmp, out):
+def _worker_train(rank, world, port, engine_kind, tp, pp, model_dir, tmp, out, sp=False):
     _init(rank, world, port)
     micro = _micro_batches(model_dir, tmp)
-    engine = _build(engine_kind, model_dir, tp, pp)
+    engine = _build(engine_kind, model_dir, tp, pp, sp=sp)
     losses = _train(engine, micro, 4)
     norms = engine.grad_norm()
     state = engine.full_state_dict()
@@ -192,17 +192,19 @@ def _spawn(fn, world, *args):
 # ----------------------------------------------------------------------------- tests
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_logprobs_and_streamed_params_match_hf(model_dir, tmp_path, tp, pp):
-    _spawn(_worker_logprobs, tp * pp, tp, pp, model_dir, str(tmp_path))
+@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (1, 2, False), (2, 2, False), (2, 2, True)])
+def test_logprobs_and_streamed_params_match_hf(model_dir, tmp_path, tp, pp, sp):
+    """sp: sequence parallelism (the packed rows here have odd lengths: padded to split over TP)."""
+    _spawn(_worker_logprobs, tp * pp, tp, pp, sp, model_dir, str(tmp_path))
 
 
-@pytest.mark.parametrize("tp,dp", [(2, 1), (1, 2)])
-def test_training_matches_deepspeed(model_dir, tmp_path, tp, dp):
-    """4 AdamW steps (warm-up + cosine, clipping active) on the same data: megatron at TP 2, and at DP 2 (every
-    rank the same data; optimizer states sharded over the two ranks) vs DeepSpeed on one rank."""
+@pytest.mark.parametrize("tp,dp,sp", [(2, 1, False), (2, 1, True), (1, 2, False)])
+def test_training_matches_deepspeed(model_dir, tmp_path, tp, dp, sp):
+    """4 AdamW steps (warm-up + cosine, clipping active) on the same data: megatron at TP 2 (with and
+    without sequence parallelism: the norms' partial gradients summed over TP), and at DP 2 (every rank the
+    same data; optimizer states sharded over the two ranks) vs DeepSpeed on one rank."""
     _spawn(_worker_train, 1, "deepspeed", 1, 1, model_dir, str(tmp_path), str(tmp_path / "ds.pt"))
-    _spawn(_worker_train, tp * dp, "megatron", tp, 1, model_dir, str(tmp_path), str(tmp_path / "mc.pt"))
+    _spawn(_worker_train, tp * dp, "megatron", tp, 1, model_dir, str(tmp_path), str(tmp_path / "mc.pt"), sp)
     ds, mc = torch.load(tmp_path / "ds.pt"), torch.load(tmp_path / "mc.pt")
     assert ds["losses"][-1] < ds["losses"][0] - 0.05  # it trains
     assert mc["losses"] == pytest.approx(ds["losses"], abs=1e-5)

@@ -33,6 +33,7 @@ from ovr_hpc import dist
 from ovr_hpc.engines.base import as_floats, lr_lambda
 from ovr_hpc.engines.megatron import model as mcore_model
 from ovr_hpc.engines.megatron.convert import (
+    FINAL_NORM,
     VISION_PREFIX,
     ConversionConfig,
     SafetensorsCheckpoint,
@@ -111,7 +112,8 @@ class MegatronEngine:
         visual = build_vision_tower(hf_config, model_cfg.attn_implementation) if self.is_first else None
         self.stage = mcore_model.build_stage(
             hf_config, visual, tp, pp, self.pp_rank, self.split, torch.float32, self.use_te, self.tp_group,
-            recompute=model_cfg.gradient_checkpointing, value_head=role == "critic", seed=seed)
+            recompute=model_cfg.gradient_checkpointing, value_head=role == "critic", seed=seed,
+            sequence_parallel=parallel.sequence_parallel)
         if self.compute_dtype != torch.float32 and torch.cuda.is_available():
             # bf16/fp16 compute, fp32 weights: the pipeline schedule enters autocast around each forward
             self.stage.config.enable_autocast = True
@@ -129,6 +131,13 @@ class MegatronEngine:
         # only marks them when it initialises weights itself, which we skip)
         self.tp_sharded = {id(t) for name, t in self.local_state_dict().items()
                            if not name.startswith(VISION_PREFIX) and tp_partition_dim(name) is not None}
+        # with sequence parallelism each TP rank normalises its own part of the sequence: the decoder norms'
+        # gradients are partial sums over TP ranks (everything else replicated sees the whole sequence)
+        self.sequence_partial = set()
+        if self.stage.config.sequence_parallel:
+            norms = {FINAL_NORM} | {n for j in range(self.split.layers_per_stage[self.pp_rank])
+                                    for n in (self.conversion.input_norm_name(j), self.conversion.pre_mlp_norm_name(j))}
+            self.sequence_partial = {id(t) for name, t in self.local_state_dict().items() if name in norms}
 
         # AdamW states sharded over data-parallel ranks (ZeRO-1 by whole parameters): each DP rank updates the
         # parameters it owns and broadcasts them; 8 bytes of state per parameter become 8 / DP
@@ -267,7 +276,9 @@ class MegatronEngine:
         if self.dp_size > 1:
             _all_reduce_mean(grads, self.dp_group, self.dp_size)
         if self.tp_size > 1:
-            replicated = [p.grad for p in self.params if id(p) not in self.tp_sharded]
+            partial = [p.grad for p in self.params if id(p) in self.sequence_partial]
+            _all_reduce_mean(partial, self.tp_group, 1)  # a sum
+            replicated = [p.grad for p in self.params if id(p) not in self.tp_sharded | self.sequence_partial]
             _all_reduce_mean(replicated, self.tp_group, self.tp_size)
         if self.pp_size > 1 and self.stage.language.share_embeddings_and_output_weights and (self.is_first or self.is_last):
             weight = self.stage.language.shared_embedding_or_output_weight()

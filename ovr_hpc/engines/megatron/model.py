@@ -103,12 +103,29 @@ def transformer_config(hf_config: Any, tp: int, pp: int, split: PipelineSplit, d
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(use_te: bool):
+class LocalRMSNorm(nn.RMSNorm):
+    """torch's RMSNorm, built the way megatron-core builds norms. megatron-core's own torch norm refuses
+    sequence parallelism only because nothing would sum its weight's partial gradients over the
+    tensor-parallel ranks; our engine does that (`MegatronEngine.step`)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+
+
+def block_spec(use_te: bool, num_layers: int):
+    """The decoder's layer spec: Transformer Engine's, or the local one with `LocalRMSNorm` (the layers'
+    two norms and the final norm) for the `num_layers` layers of this stage."""
+    import copy
+
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = copy.deepcopy(gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm"))
+    layer.submodules.input_layernorm = LocalRMSNorm
+    layer.submodules.pre_mlp_layernorm = LocalRMSNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=LocalRMSNorm)
 
 
 def sample_boundaries(text_positions: torch.Tensor) -> torch.Tensor:
@@ -174,6 +191,8 @@ class QwenVLStage(nn.Module):
             position_embedding_type="mrope",
             rotary_base=rope_theta_of(hf_config),
             parallel_output=True,
+            # image embeddings go in first; we split the sequence over TP ranks ourselves after that
+            scatter_embedding_sequence_parallel=False,
         )
         self.visual = visual if pre_process else None
         self.value_head = None
@@ -189,7 +208,13 @@ class QwenVLStage(nn.Module):
 
     def forward(self, input_ids, position_ids, targets=None, pixel_values=None, image_grid_thw=None,
                 temperature: float = 1.0, return_entropy: bool = False):
+        from megatron.core import tensor_parallel
+
         lm = self.language
+        length = input_ids.shape[-1]
+        sequence_parallel = self.config.sequence_parallel
+        if sequence_parallel:  # the row must split evenly over the TP ranks: pad it with a no-loss sample
+            input_ids, position_ids = pad_row(input_ids, position_ids, self.config.tensor_model_parallel_size)
         text_positions, mrope_positions = position_ids[0, 0], position_ids[1:]  # [T], [3, 1, T]
         cu_seqlens = sample_boundaries(text_positions)
         decoder_input = None
@@ -197,6 +222,8 @@ class QwenVLStage(nn.Module):
             decoder_input = lm.embedding(input_ids=input_ids, position_ids=None)  # [T, 1, H]
             if pixel_values is not None:
                 decoder_input = self.place_image_embeddings(decoder_input, input_ids, pixel_values, image_grid_thw)
+            if sequence_parallel:
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input, group=self.tp_group)
         rotary = lm.rotary_pos_emb(mrope_positions, lm.mrope_section)
         if self.use_te:
             mask, packed = None, packed_seq_params(cu_seqlens)
@@ -206,7 +233,12 @@ class QwenVLStage(nn.Module):
                             packed_seq_params=packed)
         if not self.post_process:
             return hidden.to(self.config.pipeline_dtype)  # what the next stage receives
-        hidden = hidden[:, 0]
+        if sequence_parallel:
+            # the kernel needs every position on every TP rank; it all-reduces the hidden-state gradient
+            # itself, so the gather's backward only takes this rank's part
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False, group=self.tp_group)
+        hidden = hidden[:length, 0]
         if self.value_head is not None:
             return self.value_head(hidden).squeeze(-1).float()
         from ovr_hpc.kernels import fused_logprobs
@@ -229,11 +261,23 @@ class QwenVLStage(nn.Module):
         return embeddings
 
 
+def pad_row(input_ids, position_ids, multiple: int):
+    """Pad a packed row to a multiple of `multiple` tokens with one extra sample (token 0, positions from 0:
+    a sample of its own, which nothing attends to and which carries no loss)."""
+    pad = -input_ids.shape[-1] % multiple
+    if pad == 0:
+        return input_ids, position_ids
+    ids = torch.cat([input_ids, input_ids.new_zeros(1, pad)], dim=1)
+    extra = torch.arange(pad, device=position_ids.device, dtype=position_ids.dtype).expand(position_ids.shape[0], 1, pad)
+    return ids, torch.cat([position_ids, extra], dim=2)
+
+
 def build_stage(hf_config: Any, visual: Optional[nn.Module], tp: int, pp: int, pp_rank: int, split: PipelineSplit,
                 dtype: torch.dtype, use_te: bool, tp_group, recompute: bool = False, value_head: bool = False,
-                seed: int = 0) -> QwenVLStage:
+                seed: int = 0, sequence_parallel: bool = False) -> QwenVLStage:
     """Stage `pp_rank` of the model (call after megatron-core's `initialize_model_parallel`)."""
-    config = transformer_config(hf_config, tp, pp, split, dtype, recompute)
-    return QwenVLStage(hf_config, config, layer_spec(use_te), pre_process=pp_rank == 0,
+    config = transformer_config(hf_config, tp, pp, split, dtype, recompute, sequence_parallel)
+    spec = block_spec(use_te, split.layers_per_stage[pp_rank])
+    return QwenVLStage(hf_config, config, spec, pre_process=pp_rank == 0,
                        post_process=pp_rank == pp - 1, visual=visual, tp_group=tp_group, use_te=use_te,
                        value_head=value_head, seed=seed)
