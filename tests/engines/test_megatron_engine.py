@@ -71,10 +71,11 @@ def _init(rank: int, world: int, port: int) -> None:
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
 
 
-def _configs(engine: str, tp: int = 1, pp: int = 1, lr: float = 2e-3, sp: bool = False):
+def _configs(engine: str, tp: int = 1, pp: int = 1, lr: float = 2e-3, sp: bool = False, recompute: bool = False):
     from ovr_hpc.config import ModelConfig, OptimizerConfig, RLParallelConfig, ScheduleConfig
 
-    model = ModelConfig(dtype="float32", attn_implementation="sdpa", freeze_vision=False)
+    model = ModelConfig(dtype="float32", attn_implementation="sdpa", freeze_vision=False,
+                        gradient_checkpointing=recompute)
     if engine == "megatron":
         parallel = RLParallelConfig(engine="megatron", tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                     megatron_spec="local", sequence_parallel=sp)
@@ -100,10 +101,10 @@ def _train(engine, micro, steps: int) -> list[float]:
     return losses
 
 
-def _build(engine_kind, model_dir, tp=1, pp=1, role="policy", total_steps=8, sp=False):
+def _build(engine_kind, model_dir, tp=1, pp=1, role="policy", total_steps=8, sp=False, recompute=False):
     from ovr_hpc.engines.base import build_engine
 
-    model, parallel, optimizer, schedule = _configs(engine_kind, tp, pp, sp=sp)
+    model, parallel, optimizer, schedule = _configs(engine_kind, tp, pp, sp=sp, recompute=recompute)
     model.path = model_dir
     world = torch.distributed.get_world_size()
     return build_engine(role, model, parallel, optimizer, schedule, total_steps, world, seed=3)
@@ -301,3 +302,26 @@ def test_gpu_bench_script_runs_on_cpu(model_dir, tmp_path):
     assert r["logprobs_bf16"]["megatron_vs_fp32_max"] < 1e-5
     assert r["packed_vs_single"]["max_abs_diff"] < 1e-5
     assert r["optimizer_step"]["losses"][-1] < r["optimizer_step"]["losses"][0]
+
+
+def _worker_recompute(rank, world, port, model_dir, tmp, out):
+    _init(rank, world, port)
+    micro = _micro_batches(model_dir, tmp)
+    plain = _build("megatron", model_dir, 2, 1, sp=True)
+    recomputed = _build("megatron", model_dir, 2, 1, sp=True, recompute=True)
+    assert recomputed.stage.config.recompute_granularity == "full"
+    a, b = _train(plain, micro, 2), _train(recomputed, micro, 2)
+    sa, sb = plain.full_state_dict(), recomputed.full_state_dict()
+    if rank == 0:
+        json.dump({"plain": a, "recompute": b}, open(out, "w"))
+        for name, t in sa.items():
+            torch.testing.assert_close(sb[name], t, atol=1e-6, rtol=0, msg=name)
+    torch.distributed.destroy_process_group()
+
+
+def test_activation_recompute_changes_nothing(model_dir, tmp_path):
+    """model.gradient_checkpointing on the megatron engine: megatron-core's full per-layer recompute."""
+    out = tmp_path / "recompute.json"
+    _spawn(_worker_recompute, 2, model_dir, str(tmp_path), str(out))
+    r = json.load(open(out))
+    assert r["recompute"] == pytest.approx(r["plain"], abs=1e-6)

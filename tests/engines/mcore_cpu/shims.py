@@ -2,7 +2,8 @@
 
 megatron-core calls a few CUDA functions unconditionally (measured on these machines, see issue 8):
 the current device when it allocates buffers, a synchronize, the model-parallel RNG tracker (which
-seeds and forks CUDA generators), and one ``device="cuda"`` token counter in the pipeline schedules.
+seeds and forks CUDA generators, and whose CUDA state activation recompute saves and restores), and one
+``device="cuda"`` token counter in the pipeline schedules.
 Each shim below replaces exactly one of them with its CPU meaning. They live here, in the test fixtures,
 never in the package: on a GPU the package runs megatron-core unmodified.
 """
@@ -43,6 +44,9 @@ def install() -> None:
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     mp_random.get_cuda_rng_tracker = lambda *a, **k: tracker
     mp_random.model_parallel_cuda_manual_seed = lambda *a, **k: None
+    # ...and activation recompute saves / restores the CUDA generator's state around each layer
+    mp_random._get_cuda_rng_state = lambda *a, **k: None
+    mp_random._set_cuda_rng_state = lambda *a, **k: None
 
     # 4. the schedules count tokens in a device="cuda" tensor
     from megatron.core.pipeline_parallel import schedules
