@@ -109,6 +109,10 @@ class MegatronEngine:
 
         # ---- this rank's stage: fp32 parameters (the optimizer's master weights), weights from the checkpoint
         torch.manual_seed(seed)
+        from megatron.core.tensor_parallel import random as mp_random
+
+        # megatron-core forks a model-parallel CUDA generator around attention dropout (even at p = 0)
+        mp_random.model_parallel_cuda_manual_seed(seed, te_rng_tracker=self.use_te)
         visual = build_vision_tower(hf_config, model_cfg.attn_implementation) if self.is_first else None
         self.stage = mcore_model.build_stage(
             hf_config, visual, tp, pp, self.pp_rank, self.split, torch.float32, self.use_te, self.tp_group,
