@@ -35,30 +35,11 @@ def build_model(out_dir: str) -> str:
 
 
 def make_samples(model_dir: str, work_dir: str):
-    """An image sample (56x112: distinct height and width positions) and two text samples."""
-    from PIL import Image
-
-    from ovr_hpc.data.templates import TokenizedSample
-    from ovr_hpc.data.vision import num_image_tokens
+    from ovr_hpc.data.synthetic import engine_check_samples
     from ovr_hpc.models.loading import load_processor
 
     processor = load_processor(model_dir, 3136, 50176)
-    tok = processor.tokenizer
-    path = os.path.join(work_dir, "wide.png")
-    image = Image.new("RGB", (112, 56))
-    for x in range(112):
-        for y in range(56):
-            image.putpixel((x, y), (2 * x, 4 * y, (x * y) % 256))
-    image.save(path)
-    pad, start, end = (tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
-    before, after = tok("Describe the picture:")["input_ids"], tok("a gradient of red and green, wide.")["input_ids"]
-    ids = before + [start] + [pad] * num_image_tokens(56, 112) + [end] + after
-    samples = [TokenizedSample(ids, [(len(ids) - len(after), len(ids))], [path], [(56, 112)], "image")]
-    for text in ("seven plus five is twelve, and twelve minus three is nine",
-                 "the quick brown fox jumps over the lazy dog " * 3):
-        t = tok(text)["input_ids"]
-        samples.append(TokenizedSample(t, [(1, len(t))], [], [], "text"))
-    return processor, samples
+    return processor, engine_check_samples(processor.tokenizer, work_dir)
 
 
 def run_checks(model_dir: str, work_dir: str, tp: int = 1, pp: int = 1, dtype: str = "bfloat16",

@@ -130,3 +130,29 @@ def write_color_rl(path: str, n: int, seed: int = 2) -> str:
         records.append({"id": f"color-{i}", "source": "synthetic_color", "images": [f"images/{name}"],
                         "problem": f"<image>{COLOR_QUESTION}", "answer": color})
     return write_jsonl(path, records)
+
+
+def engine_check_samples(tokenizer, work_dir: str) -> list:
+    """Tokenized samples for comparing training engines: one with a 56x112 gradient image (distinct height
+    and width rope positions) and loss on the text after it, and two text samples (lengths that split
+    unevenly). Used by the megatron engine tests and bench/megatron_gpu.py."""
+    from PIL import Image
+
+    from ovr_hpc.data.templates import TokenizedSample
+    from ovr_hpc.data.vision import num_image_tokens
+
+    path = os.path.join(work_dir, "wide.png")
+    image = Image.new("RGB", (112, 56))
+    for x in range(112):
+        for y in range(56):
+            image.putpixel((x, y), (2 * x, 4 * y, (x * y) % 256))
+    image.save(path)
+    pad, start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
+    before, after = tokenizer("Describe the picture:")["input_ids"], tokenizer("a gradient of red and green, wide.")["input_ids"]
+    ids = before + [start] + [pad] * num_image_tokens(56, 112) + [end] + after
+    samples = [TokenizedSample(ids, [(len(ids) - len(after), len(ids))], [path], [(56, 112)], "image")]
+    for text in ("seven plus five is twelve, and twelve minus three is nine",
+                 "the quick brown fox jumps over the lazy dog"):
+        t = tokenizer(text)["input_ids"]
+        samples.append(TokenizedSample(t, [(1, len(t))], [], [], "text"))
+    return samples

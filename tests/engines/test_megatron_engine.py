@@ -33,32 +33,16 @@ def model_dir(tmp_path_factory) -> str:
 
 
 def _micro_batches(model_dir: str, image_dir: str):
-    """Two packed micro-batches: one with a 56x112 image (distinct height / width positions) inside a
-    sample with loss after it, packed with a text sample; one text-only (a dummy image runs the tower)."""
-    from PIL import Image
-
+    """Two packed micro-batches: the image sample (56x112: distinct height / width positions, loss after the
+    image) with a text sample, and a text-only one (a dummy image runs the vision tower)."""
     from ovr_hpc.data.dataset import Collator
-    from ovr_hpc.data.templates import TokenizedSample
-    from ovr_hpc.data.vision import num_image_tokens
+    from ovr_hpc.data.synthetic import engine_check_samples
     from ovr_hpc.models.loading import load_processor
 
     processor = load_processor(model_dir, 3136, 50176)
-    tok = processor.tokenizer
-    path = os.path.join(image_dir, "wide.png")
-    image = Image.new("RGB", (112, 56))
-    for x in range(112):
-        for y in range(56):
-            image.putpixel((x, y), (2 * x, 4 * y, (x * y) % 256))
-    image.save(path)
-    pad, start, end = (tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
-    before, after = tok("Describe the picture:")["input_ids"], tok("a gradient of red and green, wide.")["input_ids"]
-    ids = before + [start] + [pad] * num_image_tokens(56, 112) + [end] + after
-    with_image = TokenizedSample(ids, [(len(ids) - len(after), len(ids))], [path], [(56, 112)], "img")
-    text = tok("seven plus five is twelve, and twelve minus three is nine")["input_ids"]
-    text2 = tok("the quick brown fox jumps over the lazy dog")["input_ids"]
+    with_image, text, text2 = engine_check_samples(processor.tokenizer, image_dir)
     collator = Collator(processor, 3136, 50176, always_run_vision=True)
-    return [collator([with_image, TokenizedSample(text, [(2, len(text))])]),
-            collator([TokenizedSample(text2, [(1, len(text2))])])]
+    return [collator([with_image, text]), collator([text2])]
 
 
 def _init(rank: int, world: int, port: int) -> None:
