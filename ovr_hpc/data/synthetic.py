@@ -146,7 +146,11 @@ def engine_check_samples(tokenizer, work_dir: str) -> list:
     for x in range(112):
         for y in range(56):
             image.putpixel((x, y), (2 * x, 4 * y, (x * y) % 256))
-    image.save(path)
+    # several ranks write the same file: each writes its own copy and renames it into place (atomic), so
+    # none can read a half-written image
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    image.save(tmp)
+    os.replace(tmp, path)
     pad, start, end = (tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
     before, after = tokenizer("Describe the picture:")["input_ids"], tokenizer("a gradient of red and green, wide.")["input_ids"]
     ids = before + [start] + [pad] * num_image_tokens(56, 112) + [end] + after
