@@ -9,7 +9,8 @@ Two engines implement the surface: `deepspeed.DeepSpeedEngine` (ZeRO-1/2/3, Auto
   ``loss_fn(j, output) -> (loss, {name: number})`` accumulated over the micro-batches (a pipeline
   engine runs them through its schedule; the stats reach every rank);
 * ``step()`` once per optimizer update, then ``lr()``, ``grad_norm()``;
-* ``save(dir, client_state)`` / ``load(dir) -> client_state`` (all ranks), ``full_state_dict()`` (rank 0
+* ``save(dir, client_state)`` / ``load(dir) -> client_state`` (all ranks), ``layout_free_checkpoints``
+  (whether a checkpoint resumes on another number of ranks), ``full_state_dict()`` (rank 0
   gets HF names and full tensors, for export), ``iter_full_params()`` (every rank, streamed, for the
   rollout engine);
 * the layout: ``dp_rank``, ``dp_size`` (which share of the data this rank trains on),

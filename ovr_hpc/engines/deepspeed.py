@@ -104,6 +104,8 @@ class DeepSpeedEngine:
         """Multiply a loss `sum / N_global` by this: DeepSpeed averages gradients over data-parallel ranks."""
         return float(self.dp_size)
 
+    layout_free_checkpoints = False  # ZeRO partitions are saved per rank: resume on the same number of ranks
+
     def save(self, directory: str, client_state: dict) -> None:
         """All ranks: model, optimizer and scheduler state (sharded as trained) into `directory`."""
         self.engine.save_checkpoint(directory, tag="engine", client_state=client_state)
