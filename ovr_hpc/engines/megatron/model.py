@@ -179,7 +179,6 @@ class QwenVLStage(nn.Module):
         self.pre_process, self.post_process = pre_process, post_process
         self.tp_group = tp_group if config.tensor_model_parallel_size > 1 else None
         self.use_te = use_te
-        self.vocab_size = dims.vocab_size
         self.language = GPTModel(
             config=config,
             transformer_layer_spec=spec,
