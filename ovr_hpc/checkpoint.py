@@ -141,7 +141,7 @@ def end_of_step(step: int, total_steps: int, every_steps: int, stop, save, log) 
     if step == total_steps:
         return "completed"
     if stop.agreed():
-        log(f"stop requested ({stop.signal_name or 'another rank'}): saving at step {step}")
+        log(f"stop requested ({stop.describe()}): saving at step {step}")
         save()
         return "preempted"
     if step % every_steps == 0:

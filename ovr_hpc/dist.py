@@ -206,6 +206,20 @@ class StopRequest:
     def requested(self) -> bool:
         return _stop_signal is not None
 
+    agreed_signal: str | None = None
+    """The signal the ranks agreed on (this rank's, or the highest-numbered one another rank caught)."""
+
     def agreed(self) -> bool:
-        """True on every rank when any rank got a signal (one all-reduce per call)."""
-        return all_reduce_max(1.0 if self.requested else 0.0) > 0
+        """True on every rank when any rank got a signal (one all-reduce per call). Slurm signals every
+        task, but not at the same instant: a rank may agree before its own signal arrives."""
+        own = float(signal.Signals[_stop_signal].value) if _stop_signal else 0.0
+        number = int(all_reduce_max(own))
+        if number:
+            self.agreed_signal = _stop_signal or signal.Signals(number).name
+        return number > 0
+
+    def describe(self) -> str:
+        """For the log: "SIGTERM", or "SIGTERM on another rank"."""
+        if _stop_signal:
+            return _stop_signal
+        return f"{self.agreed_signal} on another rank" if self.agreed_signal else "another rank"

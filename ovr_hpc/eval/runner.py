@@ -347,7 +347,7 @@ def run_benchmark(run: _Run, spec) -> dict:
         for b in range(num_batches):
             if run.stop.agreed() if info.world_size > 1 else run.stop.requested:
                 stopped = True
-                run.log(f"{spec.key}: stop requested ({run.stop.signal_name or 'another rank'}); {generated} of "
+                run.log(f"{spec.key}: stop requested ({run.stop.describe()}); {generated} of "
                         f"{len(mine)} questions written", all_ranks=True)
                 break
             chunk = mine[b * batch : (b + 1) * batch]

@@ -119,7 +119,7 @@ def check_stopped_run(run, reference, stopped_at, signal, requeued_by):
     state = run.wait()
     log = run.log
     assert state == "COMPLETED", log[-3000:]
-    assert f"stop requested ({signal})" in log
+    assert f"stop requested ({signal}" in log  # rank 0's own signal, or "SIGTERM on another rank"
     assert ("requeueing the job" in log) == (requeued_by == "script")
     states = slurm.sacct_states(run.job)
     assert len(states) == 2 and states[0] in ("REQUEUED", "PREEMPTED"), states
@@ -222,7 +222,7 @@ def test_time_limit_warning_saves_requeues_and_finishes(time_limit_run):
     state = run.wait(timeout=600)
     log = run.log
     assert state == "COMPLETED", log[-3000:]
-    assert "stop requested (SIGUSR1)" in log and "requeueing the job" in log
+    assert "stop requested (SIGUSR1" in log and "requeueing the job" in log
     assert "TIME LIMIT" not in log  # saved and left before Slurm had to kill it
     steps = [m["step"] for m in slurm.metrics(run.out)]
     assert steps == list(range(1, run.total_steps + 1))
