@@ -500,7 +500,7 @@ def _hf_out(name: str, config: ConversionConfig) -> str:
     return checkpoint_hf_name(name) if config.hf_naming == "checkpoint" else name
 
 
-def _not_a_parameter(name: str) -> bool:
+def not_a_parameter(name: str) -> bool:
     """State-dict entries of a megatron-core model that are not HF parameters: Transformer Engine's FP8
     metadata and the rotary inverse frequencies (recomputed from the config)."""
     return name.endswith("._extra_state") or name.endswith("inv_freq")
@@ -521,7 +521,7 @@ def mcore_param_to_hf(
     parameters (``*._extra_state``, ``*inv_freq``, the tied output layer's copy).
     """
     d = config.dims
-    if _not_a_parameter(name):
+    if not_a_parameter(name):
         return []
     if name.startswith(VISION_PREFIX):
         return [(_hf_out(name, config), pieces[0])]
@@ -576,7 +576,7 @@ def iter_mcore_to_hf(
         raise ValueError("shards must be a non-empty [pp][tp] nested list with the same TP size on every stage")
     for pp_rank, stage in enumerate(shards):
         for name in stage[0]:
-            if _not_a_parameter(name):
+            if not_a_parameter(name):
                 continue
             pieces = [rank[name] for rank in stage]
             yield from mcore_param_to_hf(name, pieces, config, pp_rank, pp_size)

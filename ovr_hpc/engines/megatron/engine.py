@@ -39,6 +39,7 @@ from ovr_hpc.engines.megatron.convert import (
     SafetensorsCheckpoint,
     iter_hf_to_mcore_shard,
     mcore_param_to_hf,
+    not_a_parameter,
     tp_partition_dim,
 )
 from ovr_hpc.engines.megatron.layout import validate_megatron_layout
@@ -75,11 +76,10 @@ class MegatronEngine:
             raise ValueError(f"role must be 'policy' or 'critic', got {role!r}")
         self.role = role
         tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
-        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if not torch.distributed.is_initialized():
             raise RuntimeError("the Megatron-core engine needs torch.distributed initialised (dist.init_distributed)")
         hf_config = AutoConfig.from_pretrained(model_path)
-        self.split = validate_megatron_layout(hf_config, tp, pp, world)
+        self.split = validate_megatron_layout(hf_config, tp, pp, torch.distributed.get_world_size())
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         elif (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()) != (tp, pp):
@@ -133,7 +133,8 @@ class MegatronEngine:
         self.params = [p for p in self.stage.parameters() if p.requires_grad]
         # which parameters are split over tensor-parallel ranks, from the conversion's layout (megatron-core
         # only marks them when it initialises weights itself, which we skip)
-        self.tp_sharded = {id(t) for name, t in self.local_state_dict().items()
+        local = self.local_state_dict()
+        self.tp_sharded = {id(t) for name, t in local.items()
                            if not name.startswith(VISION_PREFIX) and tp_partition_dim(name) is not None}
         # with sequence parallelism each TP rank normalises its own part of the sequence: the decoder norms'
         # gradients are partial sums over TP ranks (everything else replicated sees the whole sequence)
@@ -141,7 +142,7 @@ class MegatronEngine:
         if self.stage.config.sequence_parallel:
             norms = {FINAL_NORM} | {n for j in range(self.split.layers_per_stage[self.pp_rank])
                                     for n in (self.conversion.input_norm_name(j), self.conversion.pre_mlp_norm_name(j))}
-            self.sequence_partial = {id(t) for name, t in self.local_state_dict().items() if name in norms}
+            self.sequence_partial = {id(t) for name, t in local.items() if name in norms}
 
         # AdamW states sharded over data-parallel ranks (ZeRO-1 by whole parameters): each DP rank updates the
         # parameters it owns and broadcasts them; 8 bytes of state per parameter become 8 / DP
@@ -183,7 +184,7 @@ class MegatronEngine:
         tower), without the non-parameter entries (rotary frequencies, TE extra state)."""
         out = {}
         for name, t in self.stage.language.state_dict(keep_vars=True).items():
-            if not name.endswith("_extra_state") and not name.endswith("inv_freq"):
+            if not not_a_parameter(name):
                 out[name] = t
         if self.stage.visual is not None:
             out.update({VISION_PREFIX + n: t for n, t in self.stage.visual.state_dict(keep_vars=True).items()})
@@ -278,12 +279,12 @@ class MegatronEngine:
                 p.grad = torch.zeros_like(p)
         grads = [p.grad for p in self.params]
         if self.dp_size > 1:
-            _all_reduce_mean(grads, self.dp_group, self.dp_size)
+            _all_reduce(grads, self.dp_group, divisor=self.dp_size)
         if self.tp_size > 1:
             partial = [p.grad for p in self.params if id(p) in self.sequence_partial]
-            _all_reduce_mean(partial, self.tp_group, 1)  # a sum
+            _all_reduce(partial, self.tp_group)  # a sum
             replicated = [p.grad for p in self.params if id(p) not in self.tp_sharded | self.sequence_partial]
-            _all_reduce_mean(replicated, self.tp_group, self.tp_size)
+            _all_reduce(replicated, self.tp_group, divisor=self.tp_size)
         if self.pp_size > 1 and self.stage.language.share_embeddings_and_output_weights and (self.is_first or self.is_last):
             weight = self.stage.language.shared_embedding_or_output_weight()
             if weight.requires_grad:
@@ -414,18 +415,16 @@ class MegatronEngine:
         return loaded["client_state"]
 
     def _copy_model_state(self, loaded: dict) -> None:
-        modules = {"language.": self.stage.language, "visual.": self.stage.visual, "value_head.": self.stage.value_head}
+        """The loaded tensors into the stage (keys as `_sharded_model_state_dict` names them)."""
         with torch.no_grad():
-            for prefix, module in modules.items():
-                if module is None:
-                    continue
-                own = {n: t for n, t in module.state_dict(keep_vars=True).items()
-                       if not n.endswith("_extra_state") and not n.endswith("inv_freq")}
-                for name, t in own.items():
-                    key = prefix + name
-                    if key not in loaded:
-                        raise KeyError(f"{key} is not in the checkpoint")
-                    t.copy_(loaded[key])
+            for name, t in self.local_state_dict().items():
+                if name.startswith(VISION_PREFIX):
+                    key = "visual." + name[len(VISION_PREFIX):]
+                else:
+                    key = name if name.startswith("value_head.") else "language." + name
+                if key not in loaded:
+                    raise KeyError(f"{key} is not in the checkpoint")
+                t.copy_(loaded[key])
 
     # ------------------------------------------------------------------ weights out
 
@@ -434,11 +433,11 @@ class MegatronEngine:
         parallel pieces all-gathered within the stage, then broadcast from that stage over the pipeline
         group. Tensors are on this rank's device, in the compute dtype."""
         for stage_index in range(self.pp_size):
-            names = [sorted(self.local_state_dict())] if self.pp_rank == stage_index else [None]
+            mine = self.local_state_dict() if self.pp_rank == stage_index else None
+            names = [sorted(mine)] if mine is not None else [None]
             if self.pp_size > 1:
                 src = torch.distributed.get_global_rank(self.pp_group, stage_index)
                 torch.distributed.broadcast_object_list(names, src=src, group=self.pp_group)
-            mine = self.local_state_dict() if self.pp_rank == stage_index else None
             for name in names[0]:
                 if name.startswith("value_head.") or (self.role == "critic" and name == "output_layer.weight"):
                     continue
@@ -504,13 +503,15 @@ def _buckets(tensors: list[torch.Tensor], bucket_elems: int = 1 << 26) -> Iterat
         yield chunk
 
 
-def _all_reduce_mean(tensors: list[torch.Tensor], group, size: int) -> None:
-    """Average gradients over `group` in a few flat buckets (fewer collectives than one per tensor)."""
+def _all_reduce(tensors: list[torch.Tensor], group, divisor: int = 1) -> None:
+    """Sum gradients over `group` (then divide: `divisor` = the group size averages them) in a few flat
+    buckets (fewer collectives than one per tensor)."""
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
     for chunk in _buckets(tensors):
         flat = _flatten_dense_tensors(chunk)
         torch.distributed.all_reduce(flat, group=group)
-        flat.div_(size)
+        if divisor != 1:
+            flat.div_(divisor)
         for t, reduced in zip(chunk, _unflatten_dense_tensors(flat, chunk)):
             t.copy_(reduced)
