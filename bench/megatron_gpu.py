@@ -70,7 +70,7 @@ def run_checks(model_dir: str, work_dir: str, tp: int = 1, pp: int = 1, dtype: s
     results["spec"] = "transformer_engine" if engine.use_te else "local"
 
     # ---- log-probs in the training dtype vs fp32
-    (lp_packed, _), *lp_singles = [out for out in engine.forward([packed] + singles)]
+    (lp_packed, _), *lp_singles = engine.forward([packed] + singles)
     mask = packed.targets.to(device) != -100
     results["logprobs_bf16"] = {
         "hf_vs_fp32_max": float((hf_low - ref32)[mask].abs().max()),
