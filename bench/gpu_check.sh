@@ -4,6 +4,10 @@
 #   bash bench/gpu_check.sh [OUT_DIR]        (default runs/gpu_check; needs torch with CUDA, and vLLM for
 #                                             the vLLM part: pip install 'ovr-hpc[gpu]' beforehand)
 #
+# ---- Kernel part: the fused log-prob kernel (ovr_hpc/kernels), first: it needs nothing but triton ---------
+#   the kernel tests on CUDA (odd shapes, TMA loads, Qwen size), then bench/logprob.py --tune (tile shapes,
+#   pointer vs TMA loads, at T=8k) and the T=8k / 64k cases for both load variants against the 3 bare GEMMs.
+#
 # ---- vLLM part: the colocated rollout engine (ovr_hpc/rollout/vllm.py) -------------------------------------
 #   1. the engine tests (tests/rollout/vllm) on CUDA: text/image prompts, log-probs vs transformers,
 #      weight pushes, resume, external_launcher on 2 processes (these share one GPU here);
@@ -29,6 +33,13 @@ fi
 "$PY" -c "import torch; print('GPU:', torch.cuda.get_device_name(), '| torch', torch.__version__)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 status=0
+
+echo "== Fused log-prob kernel"
+"$PY" -m pytest tests/kernels -m "not multiprocess" -p no:cacheprovider -q -ra 2>&1 | tee "$OUT/kernel_tests.log" | tail -8
+[ "${PIPESTATUS[0]}" = 0 ] || status=1
+"$PY" bench/logprob.py --gpu --tune 2>&1 | tee "$OUT/logprob_tune.log" || status=1
+"$PY" bench/logprob.py --gpu --T 8192 65536 --reps 5 --methods ours-triton ours-triton-tma ours-triton+entropy \
+    2>&1 | tee "$OUT/logprob_gpu.log" || status=1
 
 echo "== vLLM: colocated rollout engine"
 # the push's own preparation (rename, cast, bucket, copy to the GPU), measurable without vLLM

@@ -59,8 +59,10 @@ def build_method(name, h, w, t):
     if name.startswith("ours-triton"):
         from ovr_hpc.kernels import logprob_triton
         # e.g. ours-triton-c8192: that many backward chunk columns; otherwise the module's default
+        # ours-triton-tma: tile loads through TMA descriptors
         chunk = int(name.split("-c")[1].split("+")[0]) if "-c" in name else _DEFAULT_CHUNK
         logprob_triton.DZ_CHUNK_COLS = chunk
+        logprob_triton.USE_TMA = "-tma" in name
         ent = name.endswith("+entropy")
 
         def run():
@@ -218,8 +220,8 @@ def gpu_method(method, case, reps):
 
 
 def run_gpu(args):
-    methods = args.methods or ["naive", "compile", "ours-torch", "ours-triton", "ours-triton-c8192",
-                               "ours-triton+entropy", "liger", "cce"]
+    methods = args.methods or ["naive", "compile", "ours-torch", "ours-triton", "ours-triton-tma",
+                               "ours-triton-c8192", "ours-triton+entropy", "liger", "cce"]
     name = torch.cuda.get_device_name()
     for case in GPU_CASES:
         if args.T and case["T"] not in args.T:
@@ -242,25 +244,30 @@ def tune(args):
     from ovr_hpc.kernels import logprob_triton as lt
     case = GPU_CASES[0]
     h, w, t = make_inputs(case["T"], case["H"], case["V"], case["dtype"], "cuda")
-    configs = [
-        dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=8, num_warps=8, num_stages=3),
-        dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=4, num_warps=8, num_stages=3),
-        dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=16, num_warps=8, num_stages=3),
-        dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=8, num_warps=8, num_stages=4),
-        dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=8, num_warps=8, num_stages=3),  # repeat: noise
+    base = dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=8, num_warps=8, num_stages=3)
+    configs = [  # (TMA loads, tiles); the first is the default
+        (False, base),
+        (False, dict(base, GROUP_T=4)),
+        (False, dict(base, GROUP_T=16)),
+        (False, dict(base, num_stages=4)),
+        (True, base),
+        (True, dict(base, num_stages=4)),
+        (True, dict(base, BLOCK_K=128, num_stages=2)),
+        (True, dict(base, BLOCK_V=128, num_warps=4, num_stages=4)),
+        (False, base),                                   # the default again: noise
     ]
     gemm = cuda_time(lambda: torch.mm(h.detach(), w.detach().T), 5)
     print(f"tune: one [T,H]x[H,V] cuBLAS GEMM {gemm * 1e3:.2f} ms")
-    for cfg in configs:
-        lt.GPU_CONFIG = cfg
+    for use_tma, cfg in configs:
+        lt.GPU_CONFIG, lt.USE_TMA = cfg, use_tma
         try:
             fwd = cuda_time(lambda: fused_logprobs(h.detach(), w.detach(), t, backend="triton"), 5)
             tot = cuda_time(lambda: step(lambda: -fused_logprobs(h, w, t, backend="triton")[0].mean(),
                                          h, w), 5)
-            print(f"tune: {cfg} fwd {fwd * 1e3:.2f} ms ({fwd / gemm:.2f}x gemm) "
+            print(f"tune: tma={use_tma} {cfg} fwd {fwd * 1e3:.2f} ms ({fwd / gemm:.2f}x gemm) "
                   f"fwd+bwd {tot * 1e3:.2f} ms ({tot / gemm:.2f}x gemm)", flush=True)
         except Exception as exc:  # noqa: BLE001 - a shape that does not compile is a result too
-            print(f"tune: {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}")
+            print(f"tune: tma={use_tma} {cfg} failed: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,16 @@ autograd would hold, here one chunk at a time), then two cuBLAS GEMMs consume it
 So the backward does three GEMM-sized products (recompute, two gradients), the forward one: 4 against
 the naive path's 3. The fp32 [T, H] accumulator is the price of fp32 accumulation across chunks
 (2H/V of the naive bf16 logits, 4.7% for Qwen2.5's H=3584, V=152064); chunking the vocabulary rather
-than the rows keeps it [T, H] rather than [V, H], smaller whenever T < V.
+than the rows keeps it [T, H] rather than [V, H], smaller whenever T < V. Some such accumulator is
+unavoidable with one recompute and fp32 sums: whatever the tile order, at some moment min(T, V) rows of
+one gradient are partial sums (bench/RESULTS.md works it out); only a second recompute avoids it.
+
+Loads: pointer arithmetic (the measured default), or Hopper's tensor-memory accelerator (TMA) through
+host-side tensor descriptors when ``OVR_LOGPROB_TMA=1``: a descriptor load moves a whole tile with one
+instruction and zero-fills past the tensor's edges (no clamped indices, no K mask). TMA needs rows whose
+byte stride and base are multiples of 16 and a GPU of compute capability >= 9; inputs that are not get
+the pointer kernels. The two variants compute the same tiles in the same order. Whether TMA closes the
+gap to cuBLAS has not been measured yet: ``bench/logprob.py --gpu --tune`` times both side by side.
 
 Importing this module works without triton or CUDA (``available()`` says whether it can run).
 Under TRITON_INTERPRET=1 (set before triton is imported) the kernels run on CPU tensors, for tests.
@@ -30,9 +39,10 @@ from .logprob import merge_partials
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
     _IMPORT_ERROR = None
 except Exception as exc:  # noqa: BLE001 - any failure means "not available", reported on use
-    triton = None
+    triton = TensorDescriptor = None
     _IMPORT_ERROR = exc
 
     class tl:  # stand-in so the annotations below evaluate; the kernels are never launched
@@ -56,6 +66,10 @@ GPU_CONFIG = dict(BLOCK_T=128, BLOCK_V=256, BLOCK_K=64, GROUP_T=8, num_warps=8, 
 GPU_CONFIG_FP32 = dict(BLOCK_T=128, BLOCK_V=128, BLOCK_K=32, GROUP_T=8, num_warps=8, num_stages=3)
 # The interpreter runs each program in numpy: few, large-ish programs are fastest.
 INTERPRET_CONFIG = dict(BLOCK_T=32, BLOCK_V=64, BLOCK_K=32, GROUP_T=4, num_warps=4, num_stages=1)
+
+# Tile loads through TMA descriptors where the inputs allow it (see the module doc). Off by default
+# until a GPU run shows it faster.
+USE_TMA = os.environ.get("OVR_LOGPROB_TMA", "0") == "1"
 
 
 def _interpreting():
@@ -120,6 +134,19 @@ def _num_splits(t_blocks, v_blocks, sms):
     return best
 
 
+def _tma_usable(*tensors):
+    """TMA descriptors need 2-D tensors with unit column stride, 16-byte aligned row strides and bases,
+    and (on a GPU) compute capability >= 9."""
+    if not USE_TMA or TensorDescriptor is None:
+        return False
+    for t in tensors:
+        if t.dim() != 2 or t.stride(1) != 1 or (t.stride(0) * t.element_size()) % 16 \
+                or t.data_ptr() % 16:
+            return False
+    device = tensors[0].device
+    return device.type != "cuda" or torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _dot_precision(dtype):
     # fp32 inputs: exact fp32 products (tf32 would cost ~3e-4 relative error in the logits).
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -157,6 +184,19 @@ def _logit_tile(h_ptr, w_ptr, rows64, cols64, H, stride_ht, stride_hk, stride_wv
 
 
 @_jit
+def _logit_tile_tma(h_desc, w_desc, row0, col0, H, inv_temp, BLOCK_K: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """The same tile as ``_logit_tile`` from TMA descriptors (blocks [BLOCK_T, BLOCK_K] of hidden and
+    [BLOCK_V, BLOCK_K] of weight): rows, columns and K past the edges load as zeros."""
+    acc = tl.zeros((h_desc.block_shape[0], w_desc.block_shape[0]), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        h = h_desc.load([row0, k0])
+        w = w_desc.load([col0, k0])
+        acc = tl.dot(h, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc * inv_temp
+
+
+@_jit
 def _grouped_pid(pid, num_t_blocks, num_other, GROUP_T: tl.constexpr):
     """Map a linear program id to (row block, other block) with GROUP_T row blocks varying fastest,
     so programs running together share the other operand's tiles in L2 and touch few row blocks."""
@@ -173,7 +213,8 @@ def _forward_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
                     num_t_blocks, num_splits, blocks_per_split,
                     WITH_ENTROPY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
                     BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr, EVEN_K: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """h_ptr / w_ptr are TMA descriptors when USE_TMA, pointers otherwise."""
     pid_t, pid_s = _grouped_pid(tl.program_id(0), num_t_blocks, num_splits, GROUP_T)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
@@ -188,11 +229,16 @@ def _forward_kernel(h_ptr, w_ptr, tgt_ptr, m_ptr, s_ptr, a_ptr, zt_ptr,
     # Every split walks blocks_per_split tiles (a plain scalar loop bound); the last split's tiles
     # past V are all padding, which the -1e30 fill below turns into no-ops.
     for i in range(0, blocks_per_split):
-        cols = (pid_s * blocks_per_split + i) * BLOCK_V + tl.arange(0, BLOCK_V)
+        col0 = (pid_s * blocks_per_split + i) * BLOCK_V
+        cols = col0 + tl.arange(0, BLOCK_V)
         col_ok = cols < V
-        z = _logit_tile(h_ptr, w_ptr, rows64, tl.minimum(cols, V - 1).to(tl.int64), H,
-                        stride_ht, stride_hk, stride_wv, stride_wk, inv_temp,
-                        BLOCK_T, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION)
+        if USE_TMA:
+            z = _logit_tile_tma(h_ptr, w_ptr, pid_t * BLOCK_T, col0, H, inv_temp, BLOCK_K,
+                                DOT_PRECISION)
+        else:
+            z = _logit_tile(h_ptr, w_ptr, rows64, tl.minimum(cols, V - 1).to(tl.int64), H,
+                            stride_ht, stride_hk, stride_wv, stride_wk, inv_temp,
+                            BLOCK_T, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION)
         # Columns past V get a finite -1e30: exp gives exactly 0 and e * d stays 0 (-inf would make
         # 0 * -inf = nan), and a tile of padding only leaves m, s, a, zt as they were. Every split
         # has at least one real tile, so m ends as a real logit.
@@ -225,8 +271,10 @@ def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ez_ptr, g_ptr, gent_ptr, dz_
                     inv_temp, num_t_blocks, num_v_blocks,
                     WITH_ENTROPY: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr,
                     BLOCK_K: tl.constexpr, GROUP_T: tl.constexpr, EVEN_K: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr):
-    """dz[t, c] = dL/d(hidden @ weight.T)[t, v_start + c] for c < width (g already holds 1/temp)."""
+                    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """dz[t, c] = dL/d(hidden @ weight.T)[t, v_start + c] for c < width (g already holds 1/temp).
+
+    With USE_TMA, h_ptr / w_ptr / dz_ptr are TMA descriptors (dz_ptr's over the chunk's [T, width])."""
     pid_t, pid_v = _grouped_pid(tl.program_id(0), num_t_blocks, num_v_blocks, GROUP_T)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
@@ -234,9 +282,13 @@ def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ez_ptr, g_ptr, gent_ptr, dz_
     cols_local = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols_local < width
     cols = v_start + cols_local
-    z = _logit_tile(h_ptr, w_ptr, rows64, tl.minimum(cols, V - 1).to(tl.int64), H,
-                    stride_ht, stride_hk, stride_wv, stride_wk, inv_temp,
-                    BLOCK_T, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION)
+    if USE_TMA:
+        z = _logit_tile_tma(h_ptr, w_ptr, pid_t * BLOCK_T, v_start + pid_v * BLOCK_V, H, inv_temp,
+                            BLOCK_K, DOT_PRECISION)
+    else:
+        z = _logit_tile(h_ptr, w_ptr, rows64, tl.minimum(cols, V - 1).to(tl.int64), H,
+                        stride_ht, stride_hk, stride_wv, stride_wk, inv_temp,
+                        BLOCK_T, BLOCK_V, BLOCK_K, EVEN_K, DOT_PRECISION)
     lse = tl.load(lse_ptr + rows64)
     g = tl.load(g_ptr + rows64)
     target = tl.load(tgt_ptr + rows64)
@@ -248,13 +300,24 @@ def _dlogits_kernel(h_ptr, w_ptr, tgt_ptr, lse_ptr, ez_ptr, g_ptr, gent_ptr, dz_
     else:
         coef = g[:, None]
     dz = tl.where(cols[None, :] == target[:, None], g[:, None], 0.0) - p * coef
-    ptrs = dz_ptr + rows64[:, None] * stride_dzt + cols_local[None, :]
-    tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    if USE_TMA:   # the descriptor clips rows past T and columns past width
+        dz_ptr.store([pid_t * BLOCK_T, pid_v * BLOCK_V], dz.to(dz_ptr.dtype))
+    else:
+        ptrs = dz_ptr + rows64[:, None] * stride_dzt + cols_local[None, :]
+        tl.store(ptrs, dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
 # Host side (called by logprob._FusedLogprobs)
 # ----------------------------------------------------------------------------------------------
+def _tile_sources(hidden, weight, cfg, use_tma):
+    """What the kernels read tiles from: the tensors themselves, or TMA descriptors over them."""
+    if not use_tma:
+        return hidden, weight
+    return (TensorDescriptor.from_tensor(hidden, [cfg["BLOCK_T"], cfg["BLOCK_K"]]),
+            TensorDescriptor.from_tensor(weight, [cfg["BLOCK_V"], cfg["BLOCK_K"]]))
+
+
 def partial_stats(hidden, weight, local_targets, inv_temp, with_entropy):
     num_rows, hidden_size = hidden.shape
     vocab = weight.shape[0]
@@ -270,14 +333,16 @@ def partial_stats(hidden, weight, local_targets, inv_temp, with_entropy):
     m, s, a, zt = bufs.unbind(0)
     if num_rows:
         targets = local_targets.to(torch.int64).contiguous()
+        use_tma = _tma_usable(hidden, weight)
+        h_src, w_src = _tile_sources(hidden, weight, cfg, use_tma)
         _forward_kernel[(t_blocks * n_splits,)](
-            hidden, weight, targets, m, s, a, zt,
+            h_src, w_src, targets, m, s, a, zt,
             num_rows, vocab, hidden_size, hidden.stride(0), hidden.stride(1),
             weight.stride(0), weight.stride(1), float(inv_temp),
             t_blocks, n_splits, per_split,
             WITH_ENTROPY=with_entropy, BLOCK_T=bt, BLOCK_V=bv, BLOCK_K=cfg["BLOCK_K"],
             GROUP_T=cfg["GROUP_T"], EVEN_K=hidden_size % cfg["BLOCK_K"] == 0,
-            DOT_PRECISION=_dot_precision(hidden.dtype),
+            DOT_PRECISION=_dot_precision(hidden.dtype), USE_TMA=use_tma,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return merge_partials(m, s, a if with_entropy else None, zt, dim=0)
 
@@ -316,18 +381,21 @@ def backward(hidden, weight, local_targets, lse, mean_logit, g_logp, g_ent, inv_
     targets = local_targets.to(torch.int64).contiguous()
     with_entropy = g_ent is not None
     t_blocks = _cdiv(num_rows, bt)
+    use_tma = _tma_usable(hidden, weight, dz_buf)
+    h_src, w_src = _tile_sources(hidden, weight, cfg, use_tma)
     for v0 in range(0, vocab, chunk):
         width = min(chunk, vocab - v0)
         v_blocks = _cdiv(width, bv)
+        dz_dst = TensorDescriptor.from_tensor(dz_buf[:, :width], [bt, bv]) if use_tma else dz_buf
         _dlogits_kernel[(t_blocks * v_blocks,)](
-            hidden, weight, targets, lse, mean_logit if with_entropy else lse, g_logp,
-            g_ent if with_entropy else g_logp, dz_buf,
+            h_src, w_src, targets, lse, mean_logit if with_entropy else lse, g_logp,
+            g_ent if with_entropy else g_logp, dz_dst,
             num_rows, vocab, hidden_size, v0, width, hidden.stride(0), hidden.stride(1),
             weight.stride(0), weight.stride(1), dz_buf.stride(0), float(inv_temp),
             t_blocks, v_blocks,
             WITH_ENTROPY=with_entropy, BLOCK_T=bt, BLOCK_V=bv, BLOCK_K=cfg["BLOCK_K"],
             GROUP_T=cfg["GROUP_T"], EVEN_K=hidden_size % cfg["BLOCK_K"] == 0,
-            DOT_PRECISION=_dot_precision(hidden.dtype),
+            DOT_PRECISION=_dot_precision(hidden.dtype), USE_TMA=use_tma,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         dz = dz_buf[:, :width]
         if need_weight:

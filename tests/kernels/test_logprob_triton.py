@@ -52,6 +52,21 @@ def test_triton_odd_shapes_on_gpu(dtype, with_entropy):
 
 
 @needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_tma_loads_on_gpu(dtype, monkeypatch):
+    # H=72: 16-byte aligned rows in both dtypes, a K edge for both BLOCK_K; T and V leave partial tiles.
+    from ovr_hpc.kernels import logprob_triton
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9")
+    monkeypatch.setattr(logprob_triton, "USE_TMA", True)
+    hidden, weight, targets = make_inputs(251, 72, 1013, dtype=dtype, peaked=True, ignore_every=5,
+                                          device="cuda")
+    assert logprob_triton._tma_usable(hidden, weight)
+    tol = GPU_TOL_FP32 if dtype == torch.float32 else GPU_TOL_BF16
+    check_against_reference(hidden, weight, targets, 0.7, True, tol=tol, backend="triton")
+
+
+@needs_gpu
 @pytest.mark.slow
 def test_triton_qwen_size_on_gpu():
     # Qwen2.5-VL-7B's LM head; the reference runs on the GPU in fp32 here (fp64 would be slow).
