@@ -275,7 +275,7 @@ class Collator:
         loaded = []
         for s in samples:
             for ref, (h, w) in zip(s.images, s.image_sizes):
-                image = load_image(ref, self.min_pixels, self.max_pixels)
+                image = load_image(ref, self.min_pixels, self.max_pixels, retry=True)
                 if (image.height, image.width) != (h, w):
                     raise RuntimeError(f"{s.where}: image {ref} changed since the data was prepared")
                 loaded.append(image)

@@ -13,6 +13,7 @@ Record formats:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -120,6 +121,8 @@ def iter_raw(path: str) -> Iterator[tuple[str, Any]]:
             except UnicodeDecodeError as e:
                 yield where, BadRecord("non_utf8", f"not UTF-8 at byte {e.start}")
                 continue
+            if lineno == 1:
+                text = text.removeprefix("\ufeff")  # a byte-order mark from editors on Windows
             try:
                 yield where, json.loads(text)
             except json.JSONDecodeError as e:
@@ -191,6 +194,8 @@ def validate_rl(obj: dict) -> int:
         raise BadRecord("bad_message", "'problem' must be a non-empty string")
     answer = obj["answer"]
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        if not math.isfinite(answer):   # JSON's NaN / Infinity extensions
+            raise BadRecord("empty_answer", f"'answer' {answer!r} is not a finite number")
         obj["answer"] = answer = str(answer)
     if not isinstance(answer, str) or not answer.strip():
         raise BadRecord("empty_answer", "'answer' must be a non-empty string")

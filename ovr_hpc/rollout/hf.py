@@ -51,7 +51,8 @@ class HFRolloutEngine:
 
     def _generate_chunk(self, prompts, indices, params: SamplingParams):
         texts = [prompt_text(self.processor, p) for p in prompts]
-        images = [load_image(ref, self.min_pixels, self.max_pixels) for p in prompts for ref in p.images]
+        images = [load_image(ref, self.min_pixels, self.max_pixels, retry=True)
+                  for p in prompts for ref in p.images]
         self.tokenizer.padding_side = "left"
         inputs = self.processor(text=texts, images=images or None, return_tensors="pt", padding=True)
         device = next(self.model.parameters()).device

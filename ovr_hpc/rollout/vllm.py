@@ -454,7 +454,7 @@ class VLLMRolloutEngine:
 
         request: dict = {"prompt": prompt_text(self.processor, prompt)}
         if prompt.images:
-            images = [load_image(ref, self.min_pixels, self.max_pixels) for ref in prompt.images]
+            images = [load_image(ref, self.min_pixels, self.max_pixels, retry=True) for ref in prompt.images]
             request["multi_modal_data"] = {"image": images}
         return request
 

@@ -86,3 +86,15 @@ def test_rl_records(tmp_path):
     records, report = read_records([path], kind="rl")
     assert [r.data["answer"] for r in records] == ["4", "B"]
     assert report.kinds == {"empty_answer": 1, "missing_field": 1}
+
+
+def test_byte_order_mark_and_non_finite_answers(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes("\ufeff".encode() + (json.dumps({"problem": "p", "answer": "1"}) + "\n"
+                                          + '{"problem": "p", "answer": NaN}\n'
+                                          + '{"problem": "p", "answer": 2.5}\n').encode())
+    records, report = read_records([str(path)], kind="rl", check_images=False)
+    assert [r.where.rsplit(":", 1)[1] for r in records] == ["1", "3"]
+    assert records[1].data["answer"] == "2.5"
+    assert report.kinds == {"empty_answer": 1}
+    assert report.examples == [f"{path}:2: empty_answer: 'answer' nan is not a finite number"]
