@@ -29,7 +29,9 @@ Comparison by ``answer_type``
 * ``"math"`` (and any other value, e.g. "expression", "integer", "free_form"): mathematical
   equivalence by math-verify (fractions, decimals to 6 places, percentages, units, LaTeX
   forms, sets, intervals, relations such as "x=3" vs "3", matrices), after a cheap
-  normalised-string equality test.
+  normalised-string equality test.  Before any comparison: repeating decimals
+  ("0.1\\overline{6}") become fractions, a leading "\\approx" is dropped, and an answer that is
+  one number word ("two", "\\text{Twelve}", up to twenty and the tens) becomes its digits.
 
 Safety
 ------
@@ -265,12 +267,39 @@ _UNICODE = {
     "\uff1a": ":",
     "\uff0c": ",",
     "\u3000": " ",
+    "\u2205": "\\emptyset ",
+    "\\varnothing": "\\emptyset ",  # the same set; math-verify knows only \emptyset
+    "\u2248": "\\approx ",
 }
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
 _SQRT_UNI_RE = re.compile(r"\u221a\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]{0,64}\)|\{[^{}]{0,64}\})")
 _SPACING_RE = re.compile(r"\\[,;:! ]|\\q?quad\b|~|\\displaystyle\b|\\textstyle\b")
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)\b\s*\.?")
 _FRAC_VARIANT_RE = re.compile(r"\\[dt]frac\b")
+# "\approx 3.14": an answer that leads with "about" is the number.
+_LEADING_APPROX_RE = re.compile(r"^(?:\\approx|\\simeq|\\sim|\\thickapprox)(?![A-Za-z])\s*")
+# 0.1\overline{6} = 1/6: repeating decimals become fractions (at most 12 digits each part).
+_REPEATING_RE = re.compile(r"(?<![\d.])(\d{0,12})\.(\d{0,12})\\overline\s*\{(\d{1,12})\}")
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+_NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70",
+                      "eighty": "80", "ninety": "90", "hundred": "100", "a hundred": "100",
+                      "one hundred": "100", "thousand": "1000", "one thousand": "1000"})
+
+
+def _repeating_to_fraction(m: re.Match) -> str:
+    whole, fixed, period = m.group(1) or "0", m.group(2), m.group(3)
+    # x = whole.fixed(period...) = (whole fixed period - whole fixed) / (10^|fixed| (10^|period| - 1))
+    numerator = int(whole + fixed + period) - int(whole + fixed)
+    denominator = 10 ** len(fixed) * (10 ** len(period) - 1)
+    return f"\\frac{{{numerator}}}{{{denominator}}}"
+
+
+def _number_word(s: str) -> str:
+    """'two' / '\\text{Two}' -> '2' when that word is the whole answer; anything else unchanged."""
+    word = _unwrap_text(s).strip().lower()
+    return _NUMBER_WORDS.get(re.sub(r"[\s-]+", " ", word), s)
 
 
 def _clean(s: str) -> str:
@@ -281,7 +310,8 @@ def _clean(s: str) -> str:
     s = _SPACING_RE.sub(" ", s)
     s = _LEFT_RIGHT_RE.sub("", s)
     s = _FRAC_VARIANT_RE.sub(r"\\frac", s)
-    s = s.strip()
+    s = _REPEATING_RE.sub(_repeating_to_fraction, s)
+    s = _LEADING_APPROX_RE.sub("", s.strip())
     while s and s[-1] in ".,;" and not s.endswith("\\."):
         s = s[:-1].rstrip()
     return s
@@ -594,7 +624,7 @@ def _score_impl(response: Any, reference: Any, answer_type: str | None) -> Rewar
         return _result("error")
     if len(reference) > MAX_REFERENCE_CHARS:
         return _result("bad_reference")
-    ref = _normalize_reference(reference)
+    ref = _number_word(_normalize_reference(reference))
     if not ref:
         return _result("bad_reference")
 
@@ -602,7 +632,7 @@ def _score_impl(response: Any, reference: Any, answer_type: str | None) -> Rewar
     if status != "ok":
         return _result(status)
     assert raw is not None
-    answer = _clean(raw)
+    answer = _number_word(_clean(raw))
     if not answer:
         return _result("empty_boxed", raw)
 

@@ -86,6 +86,18 @@ def test_extract_last_boxed(text, content, status):
         ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}"),
         ("12", "\\boxed{12}"),  # reference given boxed
         ("12", "$12$"),
+        ("\\varnothing", "\\emptyset"),
+        ("∅", "\\emptyset"),
+        ("0.\\overline{3}", "\\frac{1}{3}"),  # repeating decimals
+        ("0.1\\overline{6}", "1/6"),
+        ("1.\\overline{142857}", "\\frac{8}{7}"),
+        ("\\frac{1}{3}", "0.\\overline{3}"),
+        ("\\approx 3.14", "3.14"),  # a leading "about"
+        ("≈2.5", "2.5"),
+        ("3.14", "\\approx 3.14"),
+        ("two", "2"),  # a number word as the whole answer
+        ("\\text{Three}", "3"),
+        ("12", "twelve"),
     ],
 )
 def test_math_equivalent(answer, reference):
@@ -105,6 +117,10 @@ def test_math_equivalent(answer, reference):
         ("-5", "5"),
         ("\\text{No}", "yes"),
         ("y=2x", "y=2x+1"),
+        ("0.\\overline{3}", "0.33"),
+        ("0.\\overline{3}", "\\frac{1}{9}"),
+        ("two", "3"),
+        ("\\approx 3.2", "3.14"),
     ],
 )
 def test_math_not_equivalent(answer, reference):
