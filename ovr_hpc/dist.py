@@ -218,6 +218,13 @@ class StopRequest:
             self.agreed_signal = _stop_signal or signal.Signals(number).name
         return number > 0
 
+    def consume(self) -> None:
+        """The run is over (saved and stopped, or finished): forget the signal, so that a later run in this
+        process (tests, notebooks, the demo) does not stop at its first step boundary."""
+        global _stop_signal
+        _stop_signal = None
+        self.agreed_signal = None
+
     def describe(self) -> str:
         """For the log: "SIGTERM", or "SIGTERM on another rank"."""
         if _stop_signal:

@@ -24,3 +24,24 @@ def test_signal_of_another_rank_is_named(monkeypatch):
     stop = dist.StopRequest()
     assert not stop.requested and stop.agreed()
     assert stop.describe() == "SIGUSR1 on another rank"
+
+
+def test_a_finished_run_leaves_no_stop_for_the_next_run_in_the_process():
+    from ovr_hpc.checkpoint import end_of_step
+
+    saved = []
+    dist.catch_stop_signals()
+    try:
+        dist._on_stop_signal(signal.SIGUSR1, None)
+        stop = dist.StopRequest().install()          # a signal caught while loading is kept
+        assert stop.requested
+        assert end_of_step(3, 10, 100, stop, lambda: saved.append(3), print) == "preempted"
+        assert saved == [3]
+        # the next run in this process (handlers still ours) starts clear and runs to its end
+        stop = dist.StopRequest().install()
+        assert not stop.requested and end_of_step(4, 10, 100, stop, lambda: saved.append(4), print) is None
+        dist._on_stop_signal(signal.SIGTERM, None)   # a signal during the last step
+        assert end_of_step(10, 10, 100, stop, lambda: None, print) == "completed"
+        assert not dist.StopRequest().install().requested
+    finally:
+        dist.catch_stop_signals()

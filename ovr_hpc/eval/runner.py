@@ -298,6 +298,7 @@ class _Run:
             self._engine.close()
         for name, handler in self._old_handlers.items():  # the caller's handlers again (tests, the demo)
             signal.signal(getattr(signal, name), handler)
+        self.stop.consume()
 
 
 def run_benchmark(run: _Run, spec) -> dict:
