@@ -76,14 +76,70 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_hf_model(state_dict: dict, model_path: str, out_dir: str) -> None:
-    """Full weights in the Hugging Face layout of `model_path`'s architecture, plus its processor files."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+HF_SHARD_BYTES = 4 * 2**30   # safetensors shard size of exported weights
 
+
+def save_hf_model(named_tensors, model_path: str, out_dir: str, *, write: bool = True,
+                  shard_bytes: int = HF_SHARD_BYTES) -> None:
+    """Full weights in the Hugging Face layout of `model_path`'s architecture, plus its processor files.
+
+    `named_tensors`: (HF parameter name, full tensor) pairs, e.g. an engine's `iter_full_params()`, which
+    every rank must walk (it gathers shards collectively); only the rank with `write` keeps them. That rank
+    holds at most one shard (`shard_bytes`) in CPU memory, never the whole model (145 GB at 72B in bf16).
+    Files: model.safetensors, or model-0000i-of-0000n.safetensors with model.safetensors.index.json,
+    under the released checkpoints' parameter names; config.json records the weights' dtype.
+    """
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoProcessor, GenerationConfig
+
+    from ovr_hpc.models.loading import checkpoint_name
+
+    if write:
+        os.makedirs(out_dir, exist_ok=True)
+    shard, shard_size, shards, total, dtype = {}, 0, [], 0, None
+
+    def flush():
+        path = os.path.join(out_dir, f".partial-{len(shards):05d}.safetensors")
+        save_file(shard, path, metadata={"format": "pt"})
+        shards.append((path, list(shard)))
+        shard.clear()
+
+    seen = set()
+    for name, tensor in named_tensors:
+        if not write:
+            continue               # still walk: the other ranks' gathers need this one
+        key = checkpoint_name(name)
+        if key in seen:
+            raise ValueError(f"parameter {name!r} ({key}) was produced twice while exporting to {out_dir}")
+        seen.add(key)
+        t = tensor.detach().to("cpu").contiguous()
+        size = t.numel() * t.element_size()
+        if shard and shard_size + size > shard_bytes:
+            flush()
+            shard_size = 0
+        shard[key] = t
+        shard_size += size
+        total += size
+        if dtype is None and t.is_floating_point():
+            dtype = t.dtype
+    if not write:
+        return
+    if shard or not shards:
+        flush()
+    if len(shards) == 1:
+        os.replace(shards[0][0], os.path.join(out_dir, "model.safetensors"))
+    else:
+        weight_map = {}
+        for i, (path, keys) in enumerate(shards, start=1):
+            final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            os.replace(path, os.path.join(out_dir, final))
+            weight_map.update(dict.fromkeys(keys, final))
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
     config = AutoConfig.from_pretrained(model_path)
-    with torch.device("meta"):
-        shell = AutoModelForImageTextToText.from_config(config)
-    shell.save_pretrained(out_dir, state_dict=state_dict, max_shard_size="4GB")
+    if dtype is not None:
+        config.dtype = dtype
+    config.save_pretrained(out_dir)
     AutoProcessor.from_pretrained(model_path).save_pretrained(out_dir)
     try:
         GenerationConfig.from_pretrained(model_path).save_pretrained(out_dir)
@@ -107,10 +163,7 @@ def save_checkpoint(engines: dict, output_dir: str, step: int, train_state: dict
         engine.save(os.path.join(tmp, name), client_state={"train_state": train_state})
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if save_hf:
-        state_dict = engines["policy"].full_state_dict()
-        if rank == 0:
-            save_hf_model(state_dict, model_path, os.path.join(tmp, "hf"))
-        del state_dict
+        save_hf_model(engines["policy"].iter_full_params(), model_path, os.path.join(tmp, "hf"), write=rank == 0)
     if rank == 0:
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump(train_state, f, indent=1)
@@ -139,10 +192,12 @@ def end_of_step(step: int, total_steps: int, every_steps: int, stop, save, log) 
     "preempted" once every rank agreed on a stop request and the checkpoint is saved, else None (with
     the periodic save when due). Every rank calls it at the same step."""
     if step == total_steps:
+        stop.consume()
         return "completed"
     if stop.agreed():
         log(f"stop requested ({stop.describe()}): saving at step {step}")
         save()
+        stop.consume()
         return "preempted"
     if step % every_steps == 0:
         save()

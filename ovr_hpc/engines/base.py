@@ -10,9 +10,8 @@ Two engines implement the surface: `deepspeed.DeepSpeedEngine` (ZeRO-1/2/3, Auto
   engine runs them through its schedule; the stats reach every rank);
 * ``step()`` once per optimizer update, then ``lr()``, ``grad_norm()``;
 * ``save(dir, client_state)`` / ``load(dir) -> client_state`` (all ranks), ``layout_free_checkpoints``
-  (whether a checkpoint resumes on another number of ranks), ``full_state_dict()`` (rank 0
-  gets HF names and full tensors, for export), ``iter_full_params()`` (every rank, streamed, for the
-  rollout engine);
+  (whether a checkpoint resumes on another number of ranks), ``iter_full_params()`` (every rank walks
+  it: HF names and full tensors one at a time, for the rollout engine and the HF export);
 * the layout: ``dp_rank``, ``dp_size`` (which share of the data this rank trains on),
   ``model_parallel_size`` (ranks that hold one replica and see the same data: sums all-reduced over the
   world count each sample that many times), ``loss_scale_for_mean()`` (multiply a ``sum / N_global``
@@ -71,3 +70,16 @@ def build_engine(role: str, model_cfg, parallel, optimizer, schedule, total_step
         module, external = TokenLogprobs(model), (model.lm_head.weight,)
     return DeepSpeedEngine(module, parallel, optimizer, model_cfg.dtype, world_size, total_steps, schedule,
                            external_params=external)
+
+
+def full_state_dict(engine) -> dict | None:
+    """All ranks call; rank 0 gets {HF name: full CPU tensor} of the whole model, the others None. Holds the
+    whole model in rank 0's memory: for tests and small models (the HF export streams instead)."""
+    import torch.distributed as torch_dist
+
+    rank0 = not torch_dist.is_initialized() or torch_dist.get_rank() == 0
+    out = {}
+    for name, tensor in engine.iter_full_params():
+        if rank0:
+            out[name] = tensor.detach().cpu().clone()
+    return out if rank0 else None

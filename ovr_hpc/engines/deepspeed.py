@@ -116,17 +116,6 @@ class DeepSpeedEngine:
             raise RuntimeError(f"could not load the engine state from {directory}")
         return client_state
 
-    def full_state_dict(self) -> dict | None:
-        """All ranks call; rank 0 gets full tensors on the CPU (ZeRO-3 and TP shards gathered layer by layer)."""
-        if self.parallel.zero_stage == 3 or self.tp_size > 1:
-            sd = self.engine._consolidated_16bit_state_dict()
-        else:
-            sd = {k: v.detach().cpu() for k, v in self.engine.module.state_dict().items()}
-        if sd is None or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
-            return None
-        prefix = "model."
-        return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
-
     def iter_full_params(self):
         """Every rank: (HF name, full tensor) for each parameter, gathered one module at a time
         (ZeRO-3 partitions and AutoTP shards), as a CPU-independent copy the consumer may keep."""

@@ -12,6 +12,31 @@ from torch import nn
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+# Transformers (>= 4.52, and 5.x) names Qwen2.5-VL's modules differently in memory than the released
+# checkpoints do; vLLM's loader and exported checkpoints use the checkpoint names. In-memory prefix ->
+# checkpoint prefix, first match wins; names already in checkpoint form pass through.
+_HF_TO_CHECKPOINT_PREFIX = (
+    ("model.language_model.", "model."),
+    ("model.visual.", "visual."),
+    ("lm_head.", "lm_head."),
+    ("model.", "model."),
+    ("visual.", "visual."),
+)
+
+
+def checkpoint_name(hf_name: str) -> str:
+    """A Qwen2.5-VL parameter name (in-memory or checkpoint form) -> its name in the released checkpoints
+    (what vLLM's loader expects), e.g. model.language_model.layers.0.mlp.up_proj.weight ->
+    model.layers.0.mlp.up_proj.weight, model.visual.blocks.0.attn.qkv.weight -> visual.blocks.0.attn.qkv.weight."""
+    for src, dst in _HF_TO_CHECKPOINT_PREFIX:
+        if hf_name.startswith(src):
+            return dst + hf_name[len(src):]
+    raise KeyError(
+        f"{hf_name!r} is not a Qwen2.5-VL parameter name (expected it to start with one of "
+        f"{sorted({s for s, _ in _HF_TO_CHECKPOINT_PREFIX})})"
+    )
+
+
 def resolve_attn_implementation(name: str) -> str:
     if name != "auto":
         return name

@@ -46,6 +46,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Iterable, Iterator
 
+from ovr_hpc.models.loading import checkpoint_name
+
 if TYPE_CHECKING:
     import torch
 
@@ -56,18 +58,6 @@ CPU_DEFAULT_KV_CACHE_BYTES = 256 << 20
 
 # Placeholders the model must never emit (the processor expands them into image/video features).
 BANNED_TOKENS = ("<|image_pad|>", "<|video_pad|>")
-
-# Transformers (>= 4.52, and 5.x) names Qwen2.5-VL's modules differently in memory than the released
-# checkpoints do; vLLM's loader expects the checkpoint names. In-memory prefix -> checkpoint prefix,
-# first match wins; names already in checkpoint form pass through.
-_HF_TO_CHECKPOINT_PREFIX = (
-    ("model.language_model.", "model."),
-    ("model.visual.", "visual."),
-    ("lm_head.", "lm_head."),
-    ("model.", "model."),
-    ("visual.", "visual."),
-)
-
 
 class VLLMUnavailableError(RuntimeError):
     """rollout.engine: vllm cannot run here (not installed, or no GPU outside the CPU test mode)."""
@@ -126,19 +116,6 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def vllm_weight_name(hf_name: str) -> str:
-    """A Hugging Face Qwen2.5-VL parameter name (in-memory or checkpoint form) -> the checkpoint name
-    that vLLM's Qwen2.5-VL loader expects, e.g. model.language_model.layers.0.mlp.up_proj.weight ->
-    model.layers.0.mlp.up_proj.weight, model.visual.blocks.0.attn.qkv.weight -> visual.blocks.0.attn.qkv.weight."""
-    for src, dst in _HF_TO_CHECKPOINT_PREFIX:
-        if hf_name.startswith(src):
-            return dst + hf_name[len(src):]
-    raise KeyError(
-        f"{hf_name!r} is not a Qwen2.5-VL parameter name (expected it to start with one of "
-        f"{sorted({s for s, _ in _HF_TO_CHECKPOINT_PREFIX})})"
-    )
-
-
 def iter_buckets(named_tensors: Iterable[tuple[str, "torch.Tensor"]], bucket_bytes: int, dtype, device
                  ) -> Iterator[list[tuple[str, "torch.Tensor"]]]:
     """Renamed, cast and moved (name, tensor) pairs, grouped into lists of at most `bucket_bytes` (one
@@ -154,7 +131,7 @@ def iter_buckets(named_tensors: Iterable[tuple[str, "torch.Tensor"]], bucket_byt
             yield bucket
             bucket, size = [], 0
         converted = tensor.detach().to(device=device, dtype=dtype, non_blocking=True)
-        bucket.append((vllm_weight_name(name), converted))
+        bucket.append((checkpoint_name(name), converted))
         size += nbytes
     if bucket:
         yield bucket

@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
 
+from ovr_hpc.engines.base import full_state_dict  # noqa: E402
+
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
@@ -120,7 +122,7 @@ def _worker_logprobs(rank, world, port, tp, pp, sp, model_dir, tmp):
     assert sorted(streamed) == sorted(reference)
     for name, t in streamed.items():
         assert torch.equal(t, reference[name]), name
-    full = engine.full_state_dict()
+    full = full_state_dict(engine)
     assert (full is not None) == (rank == 0)
 
     # the critic: same backbone, value head initialised from the seed as load_critic does
@@ -140,7 +142,7 @@ def _worker_train(rank, world, port, engine_kind, tp, pp, model_dir, tmp, out, s
     engine = _build(engine_kind, model_dir, tp, pp, sp=sp)
     losses = _train(engine, micro, 4)
     norms = engine.grad_norm()
-    state = engine.full_state_dict()
+    state = full_state_dict(engine)
     if rank == 0:
         torch.save({"losses": losses, "grad_norm": norms, "state": state, "lr": engine.lr()}, out)
     torch.distributed.destroy_process_group()
@@ -155,14 +157,14 @@ def _worker_resume(rank, world, port, tp, pp, model_dir, tmp, out):
     engine.save(ckpt, {"train_state": {"step": 2}})
     lr_at_save = engine.lr()
     straight = _train(engine, micro, 2)
-    straight_state = engine.full_state_dict()
+    straight_state = full_state_dict(engine)
 
     resumed_engine = _build("megatron", model_dir, tp, pp)
     client = resumed_engine.load(ckpt)
     assert client == {"train_state": {"step": 2}}
     assert resumed_engine.lr() == pytest.approx(lr_at_save)
     resumed = _train(resumed_engine, micro, 2)
-    resumed_state = resumed_engine.full_state_dict()
+    resumed_state = full_state_dict(resumed_engine)
     if rank == 0:
         json.dump({"straight": straight, "resumed": resumed}, open(out, "w"))
         for name, t in straight_state.items():
@@ -220,14 +222,14 @@ def _worker_reshard(rank, world, port, model_dir, tmp, out):
     engine = _build("megatron", model_dir, 2, 1)
     _train(engine, micro, 2)
     engine.save(ckpt, {"train_state": {"step": 2}})
-    saved = engine.full_state_dict()
+    saved = full_state_dict(engine)
     continued = _train(engine, micro, 2)
     del engine
     ps.destroy_model_parallel()
 
     engine = _build("megatron", model_dir, 1, 2)
     engine.load(ckpt)
-    loaded = engine.full_state_dict()
+    loaded = full_state_dict(engine)
     ckpt_pp2 = os.path.join(tmp, "ckpt_pp2")
     engine.save(ckpt_pp2, {"train_state": {"step": 2}})
     resumed = _train(engine, micro, 2)
@@ -236,7 +238,7 @@ def _worker_reshard(rank, world, port, model_dir, tmp, out):
 
     engine = _build("megatron", model_dir, 1, 1)  # DP 2
     engine.load(ckpt_pp2)
-    loaded_dp2 = engine.full_state_dict()
+    loaded_dp2 = full_state_dict(engine)
     resumed_dp2 = _train(engine, micro, 2)
     if rank == 0:
         for name, t in saved.items():
@@ -295,7 +297,7 @@ def _worker_recompute(rank, world, port, model_dir, tmp, out):
     recomputed = _build("megatron", model_dir, 2, 1, sp=True, recompute=True)
     assert recomputed.stage.config.recompute_granularity == "full"
     a, b = _train(plain, micro, 2), _train(recomputed, micro, 2)
-    sa, sb = plain.full_state_dict(), recomputed.full_state_dict()
+    sa, sb = full_state_dict(plain), full_state_dict(recomputed)
     if rank == 0:
         json.dump({"plain": a, "recompute": b}, open(out, "w"))
         for name, t in sa.items():

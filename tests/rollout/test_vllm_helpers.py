@@ -8,6 +8,7 @@ import importlib.util
 import pytest
 import torch
 
+from ovr_hpc.models.loading import checkpoint_name
 from ovr_hpc.rollout import vllm as V
 
 
@@ -23,12 +24,12 @@ from ovr_hpc.rollout import vllm as V
     ("visual.patch_embed.proj.weight", "visual.patch_embed.proj.weight"),
 ])
 def test_weight_names(hf, expected):
-    assert V.vllm_weight_name(hf) == expected
+    assert checkpoint_name(hf) == expected
 
 
 def test_weight_name_unknown():
     with pytest.raises(KeyError, match="not a Qwen2.5-VL parameter"):
-        V.vllm_weight_name("critic.value_head.weight")
+        checkpoint_name("critic.value_head.weight")
 
 
 def test_tiny_model_names_map_to_checkpoint_names(tiny_model_dir):
@@ -40,7 +41,7 @@ def test_tiny_model_names_map_to_checkpoint_names(tiny_model_dir):
     model = load_vlm(tiny_model_dir)
     with safe_open(f"{tiny_model_dir}/model.safetensors", "pt") as f:
         on_disk = set(f.keys())
-    mapped = [V.vllm_weight_name(k) for k in model.state_dict()]
+    mapped = [checkpoint_name(k) for k in model.state_dict()]
     assert len(set(mapped)) == len(mapped) and set(mapped) == on_disk
 
 

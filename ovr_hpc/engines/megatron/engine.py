@@ -467,15 +467,6 @@ class MegatronEngine:
             torch.distributed.broadcast(t, src=src, group=self.pp_group)
             yield name, t
 
-    def full_state_dict(self) -> dict | None:
-        """All ranks call; rank 0 gets the HF state dict (CPU tensors), the others None."""
-        rank0 = torch.distributed.get_rank() == 0
-        out = {}
-        for name, t in self.iter_full_params():
-            if rank0:
-                out[name] = t.cpu().clone()
-        return out if rank0 else None
-
 
 def owners_by_size(params: list[torch.Tensor], num_ranks: int) -> dict[int, int]:
     """{id(param): rank}: whole parameters to ranks, largest first to the least loaded (ties to the lower
