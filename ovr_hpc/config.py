@@ -684,6 +684,25 @@ def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last one silently: an edited config would run with a value nobody meant)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:     # an unhashable key: the base loader reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (lines {first} and "
+                    f"{key_node.start_mark.line + 1})", key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(stage_or_cls: str | type, path: str | os.PathLike | None, overrides: list[str] = ()) -> Any:
     """Read YAML, apply overrides, build the typed config and validate it (ConfigError on any problem)."""
     if isinstance(stage_or_cls, str):
@@ -696,7 +715,7 @@ def load_config(stage_or_cls: str | type, path: str | os.PathLike | None, overri
     if path is not None:
         try:
             with open(path) as f:
-                data = yaml.safe_load(f) or {}
+                data = yaml.load(f, Loader=_UniqueKeyLoader) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
         except yaml.YAMLError as e:

@@ -62,6 +62,12 @@ def test_yaml_errors(tmp_path):
         load_config("coldstart", str(bad))
     with pytest.raises(ConfigError, match="does not exist"):
         load_config("coldstart", str(tmp_path / "none.yaml"))
+    # a key given twice (PyYAML would keep the last one silently), at the top level and inside a section
+    for text, key, lines in (("model:\n  path: a\nmodel:\n  path: b\n", "model", "1 and 3"),
+                             ("model:\n  path: a\n  dtype: float32\n  dtype: bfloat16\n", "dtype", "3 and 4")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=f"key '{key}' appears twice in one mapping \\(lines {lines}\\)"):
+            load_config("coldstart", str(bad))
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml"))))
