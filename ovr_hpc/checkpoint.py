@@ -201,6 +201,12 @@ def end_of_step(step: int, total_steps: int, every_steps: int, stop, save, log) 
         return "preempted"
     if step % every_steps == 0:
         save()
+        # A signal during the save (a big model's save takes minutes; scancel gives ~30 s before SIGKILL):
+        # this step's checkpoint is complete, so stop now instead of after one more step.
+        if stop.agreed():
+            log(f"stop requested ({stop.describe()}) during the save at step {step}: stopping")
+            stop.consume()
+            return "preempted"
     return None
 
 

@@ -45,3 +45,22 @@ def test_a_finished_run_leaves_no_stop_for_the_next_run_in_the_process():
         assert not dist.StopRequest().install().requested
     finally:
         dist.catch_stop_signals()
+
+
+def test_a_signal_during_a_periodic_save_stops_right_after_it():
+    from ovr_hpc.checkpoint import end_of_step
+
+    saved = []
+
+    def save_and_get_signal():
+        saved.append(len(saved))
+        dist._on_stop_signal(signal.SIGTERM, None)     # arrives while the checkpoint is written
+
+    dist.catch_stop_signals()
+    try:
+        stop = dist.StopRequest().install()
+        assert end_of_step(5, 10, 5, stop, save_and_get_signal, print) == "preempted"
+        assert saved == [0]                            # one save, no second one for the stop
+        assert not stop.requested
+    finally:
+        dist.catch_stop_signals()
