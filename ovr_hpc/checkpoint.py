@@ -220,14 +220,11 @@ def load_checkpoint(engines: dict, path: str) -> dict:
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
     if os.path.exists(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))  # our own file: holds python/numpy state
-    elif all(engine.layout_free_checkpoints for engine in engines.values()):
-        # saved on another number of ranks (megatron checkpoints reshard): the data order and the rollout
+    else:
+        # saved on fewer ranks (both engines load under another layout): the data order and the rollout
         # seeds derive from the seed and the step, so only this rank's generator state is not restored
         print(f"rank {rank}: {path} was saved on fewer ranks: resuming on this layout without a saved RNG "
               "state for this rank", flush=True)
-    else:
-        raise RuntimeError(f"{path} has no RNG state for rank {rank}: it was saved with a different world size, "
-                           "which the DeepSpeed engine cannot resume (the megatron engine can)")
     return client_state["train_state"]
 
 

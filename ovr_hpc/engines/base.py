@@ -9,8 +9,8 @@ Two engines implement the surface: `deepspeed.DeepSpeedEngine` (ZeRO-1/2/3, Auto
   ``loss_fn(j, output) -> (loss, {name: number})`` accumulated over the micro-batches (a pipeline
   engine runs them through its schedule; the stats reach every rank);
 * ``step()`` once per optimizer update, then ``lr()``, ``grad_norm()``;
-* ``save(dir, client_state)`` / ``load(dir) -> client_state`` (all ranks), ``layout_free_checkpoints``
-  (whether a checkpoint resumes on another number of ranks), ``iter_full_params()`` (every rank walks
+* ``save(dir, client_state)`` / ``load(dir) -> client_state`` (all ranks; a checkpoint loads on another
+  number of ranks and layout too), ``iter_full_params()`` (every rank walks
   it: HF names and full tensors one at a time, for the rollout engine and the HF export);
 * the layout: ``dp_rank``, ``dp_size`` (which share of the data this rank trains on),
   ``model_parallel_size`` (ranks that hold one replica and see the same data: sums all-reduced over the

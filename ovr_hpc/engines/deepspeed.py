@@ -7,6 +7,13 @@ and by a token budget in RL, so their number varies).
 
 from __future__ import annotations
 
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import time
+
 import torch
 from torch import nn
 
@@ -104,14 +111,23 @@ class DeepSpeedEngine:
         """Multiply a loss `sum / N_global` by this: DeepSpeed averages gradients over data-parallel ranks."""
         return float(self.dp_size)
 
-    layout_free_checkpoints = False  # ZeRO partitions are saved per rank: resume on the same number of ranks
-
     def save(self, directory: str, client_state: dict) -> None:
         """All ranks: model, optimizer and scheduler state (sharded as trained) into `directory`."""
         self.engine.save_checkpoint(directory, tag="engine", client_state=client_state)
 
     def load(self, directory: str) -> dict:
-        _, client_state = self.engine.load_checkpoint(directory, tag="engine")
+        """All ranks. A checkpoint saved on another number of ranks is converted to DeepSpeed's universal
+        format first (by rank 0, once) and loaded from there."""
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        saved = saved_world_size(directory)
+        universal = saved not in (0, world)
+        if universal:
+            directory = universal_checkpoint(directory, saved, world)
+        self.engine._config.load_universal_checkpoint = universal
+        try:
+            _, client_state = self.engine.load_checkpoint(directory, tag="engine")
+        finally:
+            self.engine._config.load_universal_checkpoint = False   # later saves are ordinary ones
         if client_state is None:
             raise RuntimeError(f"could not load the engine state from {directory}")
         return client_state
@@ -132,3 +148,62 @@ class DeepSpeedEngine:
                     for name, p in module.named_parameters(recurse=False):
                         full = f"{module_name}.{name}" if module_name else name
                         yield full.removeprefix("model."), p.detach().clone()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resuming on another number of ranks
+# ---------------------------------------------------------------------------------------------------------------
+UNIVERSAL_TIMEOUT_S = 4 * 3600   # how long the other ranks wait for rank 0's conversion
+
+
+def saved_world_size(directory: str) -> int:
+    """Ranks that saved the engine checkpoint in `directory` (one optimizer-state file each, ZeRO 1-3)."""
+    return len(glob.glob(os.path.join(directory, "engine", "*_optim_states.pt")))
+
+
+def universal_checkpoint(directory: str, saved_world: int, world: int) -> str:
+    """All ranks call; returns `directory`.universal, DeepSpeed's layout-free form of the checkpoint.
+
+    Rank 0 converts with DeepSpeed's own tool (`deepspeed.checkpoint.ds_to_universal`, in a subprocess: it
+    runs process pools, which must not fork a training process) unless an earlier requeue already did;
+    the others wait on the file system rather than in a collective, which could time out during a
+    conversion of many minutes."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    out = directory.rstrip("/") + ".universal"
+    done, failed = os.path.join(out, "CONVERTED"), out + ".failed"
+    if rank == 0 and os.path.exists(failed):
+        os.remove(failed)
+    dist.barrier()
+    if rank == 0 and not os.path.exists(done):
+        print(f"{directory} was saved on {saved_world} ranks, this run has {world}: converting it to DeepSpeed's "
+              f"universal checkpoint in {out}", flush=True)
+        started = time.time()
+        tmp = out + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        workers = max(1, min(8, (os.cpu_count() or 2) // 2))
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", os.path.join(directory, "engine"), "--output_folder", os.path.join(tmp, "engine"),
+               "--num_extract_workers", str(workers), "--num_merge_workers", str(max(1, workers // 2)),
+               "--inject_missing_state"]   # ZeRO-1/2 checkpoints lack the (empty) universal info DeepSpeed checks for
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            reason = f"DeepSpeed's universal conversion of {directory} failed (exit {proc.returncode}):\n" + \
+                (proc.stdout + proc.stderr)[-3000:]
+            with open(failed, "w") as f:
+                f.write(reason)
+            raise RuntimeError(reason)
+        with open(os.path.join(tmp, "CONVERTED"), "w") as f:
+            f.write(f"from {saved_world} ranks\n")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+        print(f"converted in {time.time() - started:.0f} s", flush=True)
+    deadline = time.time() + UNIVERSAL_TIMEOUT_S
+    while not os.path.exists(done):
+        if os.path.exists(failed):
+            raise RuntimeError(open(failed).read())
+        if time.time() > deadline:
+            raise RuntimeError(f"rank 0 did not convert {directory} to {out} within {UNIVERSAL_TIMEOUT_S} s")
+        time.sleep(2)
+    dist.barrier()
+    return out
+

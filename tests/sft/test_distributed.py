@@ -91,3 +91,34 @@ def test_zero3_with_images_on_some_ranks_only(tiny_model_dir, image_records_file
              "data.packing=false", "data.shuffle=false", "checkpoint.save_hf_weights=false"]
     assert _run(_overrides(tiny_model_dir, image_records_file, out, *extra), out, timeout=300) == 0
     assert len(read_metrics(out)) == 3
+
+
+@pytest.mark.parametrize("zero_stage,saved_on,resumed_on", [(2, 2, 1), (3, 1, 2)])
+def test_zero_resumes_on_another_number_of_ranks(tiny_model_dir, arithmetic_file, tmp_path, zero_stage, saved_on,
+                                                 resumed_on):
+    """A requeue on another allocation: the step-3 checkpoint of a run on `saved_on` ranks resumes on
+    `resumed_on` ranks through DeepSpeed's universal checkpoint, and continues as the uninterrupted run does
+    (up to the reduction order of the two layouts)."""
+    import shutil
+
+    full, moved = str(tmp_path / "full"), str(tmp_path / "moved")
+    extra = ["schedule.max_steps=6", "checkpoint.every_steps=3", f"parallel.zero_stage={zero_stage}"]
+    assert _run(_overrides(tiny_model_dir, arithmetic_file, full, *extra), full, nprocs=saved_on) == 0
+    shutil.copytree(full, moved, symlinks=True)
+    root = os.path.join(moved, "checkpoints")   # keep step 3 only, as if preempted right after it
+    shutil.rmtree(os.path.join(root, "step_6"))
+    os.remove(os.path.join(root, "latest"))
+    os.symlink("step_3", os.path.join(root, "latest"))
+    metrics = os.path.join(moved, "metrics.jsonl")
+    first_three = open(metrics).read().splitlines()[:3]
+    open(metrics, "w").write("\n".join(first_three) + "\n")
+
+    assert _run(_overrides(tiny_model_dir, arithmetic_file, moved, *extra), moved, nprocs=resumed_on) == 0
+    rank0_log = open(os.path.join(moved, "logs", "rank0.log")).read()
+    assert f"saved on {saved_on} ranks, this run has {resumed_on}" in rank0_log
+    assert os.path.exists(os.path.join(root, "step_3", "policy.universal", "CONVERTED"))
+    if resumed_on > saved_on:
+        assert "was saved on fewer ranks" in open(os.path.join(moved, "logs", "rank1.log")).read()
+    a, b = [m["loss"] for m in read_metrics(full)], [m["loss"] for m in read_metrics(moved)]
+    assert [m["step"] for m in read_metrics(moved)] == list(range(1, 7))
+    assert b == pytest.approx(a, abs=1e-5)

@@ -342,8 +342,7 @@ class MegatronEngine:
         return float(self.dp_size)
 
     # ------------------------------------------------------------------ checkpoints
-
-    layout_free_checkpoints = True  # distributed checkpoints load under any TP x PP x DP layout
+    # (distributed checkpoints: they load under any TP x PP x DP layout)
 
     def _sharded_model_state_dict(self) -> dict:
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
