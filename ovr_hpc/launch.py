@@ -121,7 +121,8 @@ def export_rank_env(cluster: str, rank: int, local_rank: int, world_size: int, n
     """Set the variables ovr_hpc.dist reads, for launchers that are not a Slurm step; returns what was set.
 
     On Slurm the tasks are step tasks and dist.detect_rank_info() reads SLURM_* itself (the same path as the
-    sbatch scripts); the local executor starts plain processes, so they get torchrun's variables.
+    sbatch scripts; inherited rank variables are removed first); the local executor starts plain processes,
+    so they get torchrun's variables.
     """
     cpus = os.environ.get("SLURM_CPUS_PER_TASK") or str(max(1, (os.cpu_count() or 1) // max(1, world_size)))
     values = {"OMP_NUM_THREADS": cpus, **RUNTIME_ENV_DEFAULTS}
@@ -134,6 +135,12 @@ def export_rank_env(cluster: str, rank: int, local_rank: int, world_size: int, n
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(slurm_master_port(re.sub(r"\D", "", str(job_id)) or 0)),
         )
+    if cluster == "slurm":
+        # submitit passes the submitting process's environment on: rank variables there (a notebook or a
+        # torchrun worker that ran torch.distributed) would make every task rank 0 on one port
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"):
+            os.environ.pop(key, None)
     exported = {}
     for key, value in values.items():
         if key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE") or key not in os.environ:

@@ -68,8 +68,12 @@ ovr_export_defaults() {
 }
 
 # Rank 0 runs on the first node of the job; the port comes from the job id, so jobs sharing a node do not
-# collide (the same rule as ovr_hpc.dist.slurm_master_port). Ranks come from SLURM_* in each task.
+# collide (the same rule as ovr_hpc.dist.slurm_master_port). Ranks come from SLURM_* in each task, never
+# from variables the job inherited.
 ovr_export_rendezvous() {
+  # A per-process rank inherited from the submitting shell (sbatch passes the environment on; e.g. submitted
+  # from inside a torchrun worker or a notebook that ran torch.distributed) would make every task rank 0.
+  unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE GROUP_RANK ROLE_RANK TORCHELASTIC_RUN_ID
   MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"
   MASTER_PORT=$((20000 + ${SLURM_JOB_ID%%_*} % 40000))
   export MASTER_ADDR MASTER_PORT

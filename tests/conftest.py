@@ -73,3 +73,22 @@ def image_records_file(tmp_path) -> str:
                 {"role": "user", "content": "Compare the two pictures."},
                 {"role": "assistant", "content": "<think>two</think> \\boxed{blue, red}"}]})
     return write_jsonl(tmp_path / "mixed.jsonl", records)
+
+
+def rewind_run(src: str, dst: str, step: int) -> None:
+    """A copy of the run in `src` at `dst` as if it had been preempted right after its step-`step`
+    checkpoint: later checkpoints and metrics gone, `latest` pointing at step_`step`."""
+    import shutil
+
+    shutil.copytree(src, dst, symlinks=True)
+    root = os.path.join(dst, "checkpoints")
+    for name in os.listdir(root):
+        if name.startswith("step_") and int(name.split("_")[1].split(".")[0]) > step:
+            shutil.rmtree(os.path.join(root, name))
+    os.remove(os.path.join(root, "latest"))
+    os.symlink(f"step_{step}", os.path.join(root, "latest"))
+    metrics = os.path.join(dst, "metrics.jsonl")
+    kept = [line for line in open(metrics).read().splitlines() if json.loads(line).get("step", 0) <= step]
+    with open(metrics, "w") as f:
+        f.write("".join(line + "\n" for line in kept))
+

@@ -183,11 +183,35 @@ def test_export_rank_env_local(monkeypatch):
 
 
 def test_export_rank_env_slurm_leaves_ranks_to_dist(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "OMP_NUM_THREADS"):
-        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "6")
+    # inherited from the submitting process (a torchrun worker, a notebook that ran torch.distributed)
+    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT="29500").items():
+        monkeypatch.setenv(key, value)
+    slurm_task = dict(SLURM_PROCID="3", SLURM_STEP_ID="0", SLURM_NTASKS="4", SLURM_LOCALID="1",
+                      SLURM_STEP_NUM_NODES="2", SLURM_STEP_NODELIST="gpu[07-08]", SLURM_JOB_ID="77")
+    for key, value in slurm_task.items():
+        monkeypatch.setenv(key, value)
     exported = launch.export_rank_env("slurm", rank=3, local_rank=1, world_size=4, num_nodes=2, job_id="77")
     assert "RANK" not in exported and exported["OMP_NUM_THREADS"] == "6"
+    info = dist.detect_rank_info()
+    assert (info.rank, info.world_size, info.local_rank, info.launcher) == (3, 4, 1, "slurm")
+    assert (info.master_addr, info.master_port) == ("gpu07", dist.slurm_master_port(77))
+
+
+def test_sbatch_script_drops_inherited_rank_variables(tmp_path):
+    """The sbatch script's rendezvous function, run under bash with a leaked torchrun environment."""
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    (fake_bin / "scontrol").write_text("#!/bin/sh\necho gpu07\necho gpu08\n")
+    (fake_bin / "scontrol").chmod(0o755)
+    script = (f"source {os.path.join(REPO, 'slurm', 'common.sh')}; ovr_export_rendezvous; "
+              "echo \"${RANK-unset} ${WORLD_SIZE-unset} ${LOCAL_RANK-unset} $MASTER_ADDR $MASTER_PORT\"")
+    env = dict(os.environ, PATH=f"{fake_bin}:{os.environ['PATH']}", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT="29500", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_ID="77")
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["unset", "unset", "unset", "gpu07", str(dist.slurm_master_port(77))]
 
 
 def test_runtime_defaults_match_the_sbatch_script():

@@ -63,9 +63,13 @@ def tiny_inputs(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def job_env():
-    """The environment sbatch passes on: this interpreter, and a short grace for a crashed rank's peers."""
+    """The environment sbatch passes on: this interpreter, and a short grace for a crashed rank's peers.
+
+    With the rank variables of a torchrun worker, as if submitted from inside one (or from a process whose
+    in-process tests ran torch.distributed): the jobs must take their ranks from Slurm, not from these."""
     # PYTHONFAULTHANDLER: a rank that crashes prints every thread's Python stack into the job log
-    return {**os.environ, "OVR_PYTHON": sys.executable, "OVR_SRUN_WAIT": "30", "PYTHONFAULTHANDLER": "1"}
+    return {**os.environ, "OVR_PYTHON": sys.executable, "OVR_SRUN_WAIT": "30", "PYTHONFAULTHANDLER": "1",
+            **slurm.LEAKED_RANK_ENV}
 
 
 @pytest.fixture(scope="session")

@@ -166,7 +166,9 @@ def test_killed_job_resumes_from_the_periodic_checkpoint(reference, tiny_inputs,
 # ----------------------------------------------------------------------------- 4. submitit
 
 
-def test_submitit_preemption_requeues_and_resumes(reference, tiny_inputs, tmp_path, cancel_leftovers):
+def test_submitit_preemption_requeues_and_resumes(reference, tiny_inputs, tmp_path, cancel_leftovers, monkeypatch):
+    for key, value in slurm.LEAKED_RANK_ENV.items():   # submitit passes this process's environment on
+        monkeypatch.setenv(key, value)
     out = str(tmp_path / "out")
     job = launch.submit("coldstart", CONFIG, overrides(tiny_inputs, out), cluster="slurm", nodes=2, gpus_per_node=1,
                         cpus_per_task=1, mem_gb=3, time=20, signal_delay_s=120, folder=str(tmp_path / "submitit" / "%j"))

@@ -14,7 +14,7 @@ import pytest
 
 from ovr_hpc.local import start_ranks, wait_ranks
 from ovr_hpc.metrics import read_metrics
-from tests.conftest import REPO
+from tests.conftest import REPO, rewind_run
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -93,20 +93,10 @@ def test_coldstart_pp2_stop_on_signal_and_resume_is_exact(tiny_model_dir, arithm
 def test_coldstart_resumes_on_another_number_of_ranks(tiny_model_dir_2kv, arithmetic_file, tmp_path):
     """Saved on 1 rank, resumed at TP 2 on 2 ranks (a requeue on another allocation): the run continues as
     the uninterrupted one does (up to the reduction order of the two layouts)."""
-    import shutil
-
     full, moved = str(tmp_path / "full"), str(tmp_path / "moved")
     extra = ["schedule.max_steps=6", "checkpoint.every_steps=3", *MEGATRON]
     assert _run("coldstart", COLDSTART, _sft(tiny_model_dir_2kv, arithmetic_file, full, *extra), full, nprocs=1) == 0
-    shutil.copytree(full, moved, symlinks=True)
-    # keep the step-3 checkpoint only, as if the job had been preempted right after it
-    root = os.path.join(moved, "checkpoints")
-    shutil.rmtree(os.path.join(root, "step_6"))
-    os.remove(os.path.join(root, "latest"))
-    os.symlink("step_3", os.path.join(root, "latest"))
-    metrics = os.path.join(moved, "metrics.jsonl")
-    lines = open(metrics).read().splitlines()[:3]
-    open(metrics, "w").write("\n".join(lines) + "\n")
+    rewind_run(full, moved, 3)
     assert _run("coldstart", COLDSTART, _sft(tiny_model_dir_2kv, arithmetic_file, moved, *extra,
                                              "parallel.tensor_parallel_size=2"), moved) == 0
     assert "was saved on fewer ranks" in open(os.path.join(moved, "logs", "rank1.log")).read()

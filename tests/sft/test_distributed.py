@@ -10,7 +10,7 @@ import pytest
 
 from ovr_hpc.local import start_ranks, wait_ranks
 from ovr_hpc.metrics import read_metrics
-from tests.conftest import REPO
+from tests.conftest import REPO, rewind_run
 
 CONFIG = os.path.join(REPO, "configs", "tiny", "coldstart.yaml")
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
@@ -99,19 +99,11 @@ def test_zero_resumes_on_another_number_of_ranks(tiny_model_dir, arithmetic_file
     """A requeue on another allocation: the step-3 checkpoint of a run on `saved_on` ranks resumes on
     `resumed_on` ranks through DeepSpeed's universal checkpoint, and continues as the uninterrupted run does
     (up to the reduction order of the two layouts)."""
-    import shutil
-
     full, moved = str(tmp_path / "full"), str(tmp_path / "moved")
     extra = ["schedule.max_steps=6", "checkpoint.every_steps=3", f"parallel.zero_stage={zero_stage}"]
     assert _run(_overrides(tiny_model_dir, arithmetic_file, full, *extra), full, nprocs=saved_on) == 0
-    shutil.copytree(full, moved, symlinks=True)
-    root = os.path.join(moved, "checkpoints")   # keep step 3 only, as if preempted right after it
-    shutil.rmtree(os.path.join(root, "step_6"))
-    os.remove(os.path.join(root, "latest"))
-    os.symlink("step_3", os.path.join(root, "latest"))
-    metrics = os.path.join(moved, "metrics.jsonl")
-    first_three = open(metrics).read().splitlines()[:3]
-    open(metrics, "w").write("\n".join(first_three) + "\n")
+    rewind_run(full, moved, 3)
+    root = os.path.join(moved, "checkpoints")
 
     assert _run(_overrides(tiny_model_dir, arithmetic_file, moved, *extra), moved, nprocs=resumed_on) == 0
     rank0_log = open(os.path.join(moved, "logs", "rank0.log")).read()
