@@ -9,6 +9,20 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What a run exports for torch.distributed (dist.init_distributed, launch.export_rank_env): a test that runs
+# one in-process must not hand its rank to the next test (an in-process eval then thought it was rank 1 of 2).
+RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _rank_env_restored():
+    before = {key: os.environ.get(key) for key in RANK_ENV}
+    yield
+    for key, value in before.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")
