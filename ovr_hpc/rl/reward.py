@@ -30,8 +30,10 @@ Comparison by ``answer_type``
   equivalence by math-verify (fractions, decimals to 6 places, percentages, units, LaTeX
   forms, sets, intervals, relations such as "x=3" vs "3", matrices), after a cheap
   normalised-string equality test.  Before any comparison: repeating decimals
-  ("0.1\\overline{6}") become fractions, a leading "\\approx" is dropped, and an answer that is
-  one number word ("two", "\\text{Twelve}", up to twenty and the tens) becomes its digits.
+  ("0.1\\overline{6}") become fractions, a leading "\\approx" is dropped, an answer that is
+  one number word ("two", "\\text{Twelve}", up to twenty and the tens) becomes its digits, and a
+  number followed by plain words ("5 dollars", "50 percent") is a number with a unit, unless a
+  word changes the value ("2 pi", "5 thousand").
 
 Safety
 ------
@@ -280,6 +282,12 @@ _FRAC_VARIANT_RE = re.compile(r"\\[dt]frac\b")
 _LEADING_APPROX_RE = re.compile(r"^(?:\\approx|\\simeq|\\sim|\\thickapprox)(?![A-Za-z])\s*")
 # 0.1\overline{6} = 1/6: repeating decimals become fractions (at most 12 digits each part).
 _REPEATING_RE = re.compile(r"(?<![\d.])(\d{0,12})\.(\d{0,12})\\overline\s*\{(\d{1,12})\}")
+# "5 dollars", "12 square units": a number followed by plain words is a number with a unit, as
+# "5\\text{ dollars}" is; words that change the value ("2 pi", "5 thousand") or join numbers do not count.
+_NUMBER_UNIT_WORDS_RE = re.compile(r"^([+-]?\d[\d,]*(?:\.\d+)?)\s+([A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,2})$")
+_NOT_UNIT_WORDS = frozenset(
+    "pi sqrt sin cos tan cot sec csc log ln exp times thousand thousands million millions billion billions "
+    "hundred hundreds dozen dozens and or to plus minus over divided by of".split())
 _NUMBER_WORDS = {w: str(i) for i, w in enumerate(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
     "sixteen seventeen eighteen nineteen twenty".split())}
@@ -294,6 +302,18 @@ def _repeating_to_fraction(m: re.Match) -> str:
     numerator = int(whole + fixed + period) - int(whole + fixed)
     denominator = 10 ** len(fixed) * (10 ** len(period) - 1)
     return f"\\frac{{{numerator}}}{{{denominator}}}"
+
+
+def _number_with_unit_words(s: str) -> str:
+    m = _NUMBER_UNIT_WORDS_RE.match(s)
+    if not m:
+        return s
+    words = m.group(2).lower().split()
+    if words == ["percent"]:
+        return m.group(1) + "\\%"
+    if any(w in _NOT_UNIT_WORDS for w in words):
+        return s
+    return m.group(1) + "\\text{ " + m.group(2) + "}"
 
 
 def _number_word(s: str) -> str:
@@ -314,7 +334,7 @@ def _clean(s: str) -> str:
     s = _LEADING_APPROX_RE.sub("", s.strip())
     while s and s[-1] in ".,;" and not s.endswith("\\."):
         s = s[:-1].rstrip()
-    return s
+    return _number_with_unit_words(s)
 
 
 def _canon(s: str) -> str:

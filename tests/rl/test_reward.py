@@ -98,6 +98,10 @@ def test_extract_last_boxed(text, content, status):
         ("two", "2"),  # a number word as the whole answer
         ("\\text{Three}", "3"),
         ("12", "twelve"),
+        ("5 dollars", "5"),  # a number with plain unit words
+        ("12 square units", "12"),
+        ("50 percent", "0.5"),
+        ("7", "7 apples"),
     ],
 )
 def test_math_equivalent(answer, reference):
@@ -121,6 +125,10 @@ def test_math_equivalent(answer, reference):
         ("0.\\overline{3}", "\\frac{1}{9}"),
         ("two", "3"),
         ("\\approx 3.2", "3.14"),
+        ("2 pi", "2"),  # words that change the value are not units
+        ("5 thousand", "5"),
+        ("3 and 4", "3"),
+        ("6 dollars", "5"),
     ],
 )
 def test_math_not_equivalent(answer, reference):
