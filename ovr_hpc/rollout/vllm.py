@@ -46,8 +46,6 @@ import os
 import time
 from typing import TYPE_CHECKING, Iterable, Iterator
 
-from ovr_hpc.models.loading import checkpoint_name
-
 if TYPE_CHECKING:
     import torch
 
@@ -122,6 +120,8 @@ def iter_buckets(named_tensors: Iterable[tuple[str, "torch.Tensor"]], bucket_byt
     larger tensor makes a bucket of its own). Reads the input lazily: at most one bucket of converted
     tensors exists at a time, whatever the model's size."""
     import torch
+
+    from ovr_hpc.models.loading import checkpoint_name
 
     bucket: list[tuple[str, torch.Tensor]] = []
     size = 0
