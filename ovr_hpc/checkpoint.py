@@ -94,8 +94,11 @@ def save_hf_model(named_tensors, model_path: str, out_dir: str, *, write: bool =
 
     from ovr_hpc.models.loading import checkpoint_name
 
-    if write:
-        os.makedirs(out_dir, exist_ok=True)
+    if not write:
+        for _ in named_tensors:    # still walk it: the gathers inside are collective
+            pass
+        return
+    os.makedirs(out_dir, exist_ok=True)
     shard, shard_size, shards, total, dtype = {}, 0, [], 0, None
 
     def flush():
@@ -106,8 +109,6 @@ def save_hf_model(named_tensors, model_path: str, out_dir: str, *, write: bool =
 
     seen = set()
     for name, tensor in named_tensors:
-        if not write:
-            continue               # still walk: the other ranks' gathers need this one
         key = checkpoint_name(name)
         if key in seen:
             raise ValueError(f"parameter {name!r} ({key}) was produced twice while exporting to {out_dir}")
@@ -122,8 +123,6 @@ def save_hf_model(named_tensors, model_path: str, out_dir: str, *, write: bool =
         total += size
         if dtype is None and t.is_floating_point():
             dtype = t.dtype
-    if not write:
-        return
     if shard or not shards:
         flush()
     if len(shards) == 1:
