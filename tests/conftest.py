@@ -105,4 +105,3 @@ def rewind_run(src: str, dst: str, step: int) -> None:
     kept = [line for line in open(metrics).read().splitlines() if json.loads(line).get("step", 0) <= step]
     with open(metrics, "w") as f:
         f.write("".join(line + "\n" for line in kept))
-

@@ -206,4 +206,3 @@ def universal_checkpoint(directory: str, saved_world: int, world: int) -> str:
         time.sleep(2)
     dist.barrier()
     return out
-
