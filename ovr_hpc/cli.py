@@ -61,10 +61,12 @@ def _check(args) -> int:
 
 
 def _data_check(args) -> int:
+    import tempfile
+
     from ovr_hpc.data.records import read_records
 
-    kind = args.kind
-    records, report = read_records(args.files, kind=kind, check_images=True)
+    with tempfile.TemporaryDirectory() as image_dir:  # for images embedded in Parquet, while they are checked
+        records, report = read_records(args.files, kind=args.kind, check_images=True, image_dir=image_dir)
     print(report.format())
     print(f"{len(records)} usable records")
     return 0 if report.num_bad == 0 else 1

@@ -67,7 +67,8 @@ class DataConfig:
     shuffle: bool = True
     """Shuffle the packed rows each epoch (deterministically from the seed)."""
     cache_dir: Optional[str] = None
-    """Where tokenized data is cached (default OUTPUT_DIR/data_cache); shared by requeued runs."""
+    """Where tokenized data and images embedded in Parquet records are kept (default OUTPUT_DIR/data_cache);
+    shared by requeued runs."""
 
     def validate(self, prefix: str) -> None:
         _validate_data_files(prefix, self)
@@ -372,6 +373,9 @@ class RLDataConfig:
     """Fail before training if more than this share of records is malformed (each is reported)."""
     shuffle: bool = True
     """Shuffle the prompts each epoch (deterministically from the seed)."""
+    cache_dir: Optional[str] = None
+    """Where images embedded in Parquet records are written (default OUTPUT_DIR/data_cache); shared by
+    requeued runs."""
 
     def validate(self, prefix: str) -> None:
         _validate_data_files(prefix, self)

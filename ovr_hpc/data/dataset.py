@@ -139,7 +139,7 @@ def prepare_sft_dataset(cfg, processor, model_path: str, cache_root: str, rank: 
         os.makedirs(cache, exist_ok=True)
         records, report = read_records(
             cfg.train_files, kind="sft", check_images=True, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
-            select=lambda i: i % world == rank,
+            select=lambda i: i % world == rank, image_dir=os.path.join(cache_root, "images"),
         )
         samples = tokenize_records(records, processor, cfg, report)
         _save_shard(shard_path, samples, report)

@@ -8,13 +8,19 @@ Record formats:
 - cold start ("sft"): {"messages": [{"role": "user"|"assistant"|"system", "content": str | [parts]}],
   "images": [path | url | base64], "id": ..., "source": ...}
 - RL ("rl"): {"problem": str, "answer": str, "images": [...], "id", "source", "answer_type"}
+An image is a path (relative to the record's file), an http(s) URL, a data: URI, or, in Parquet, the
+{"bytes", "path"} struct of a Hugging Face `datasets` Image column; a record may name its images
+"image" (one or a list) instead of "images".
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
 import os
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -101,15 +107,7 @@ class Record:
 def iter_raw(path: str) -> Iterator[tuple[str, Any]]:
     """(where, parsed object or BadRecord) for every line of a JSONL file / row of a Parquet file."""
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        try:
-            table = pq.read_table(path)
-        except Exception as e:  # noqa: BLE001 - any pyarrow failure is a bad file
-            yield f"{path}", BadRecord("unreadable_file", f"cannot read Parquet: {e}")
-            return
-        for i, row in enumerate(table.to_pylist()):
-            yield f"{path}:row {i + 1}", row
+        yield from _iter_parquet(path)
         return
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -129,9 +127,57 @@ def iter_raw(path: str) -> Iterator[tuple[str, Any]]:
                 yield where, BadRecord("malformed_json", f"{e.msg} at column {e.colno}")
 
 
-def resolve_image_ref(ref: Any, base_dir: str) -> str:
+def _iter_parquet(path: str) -> Iterator[tuple[str, Any]]:
+    # A row group at a time: files with embedded images can be far larger than memory. A row group that
+    # cannot be decoded costs its own rows (each reported), not the rest of the file.
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - any pyarrow failure is a bad file
+        yield path, BadRecord("unreadable_file", f"cannot read Parquet: {e}")
+        return
+    first_row = 1
+    for group in range(parquet.num_row_groups):
+        num_rows = parquet.metadata.row_group(group).num_rows
+        try:
+            rows = parquet.read_row_group(group).to_pylist()
+        except Exception as e:  # noqa: BLE001
+            rows = [BadRecord("unreadable_file", f"row group {group} cannot be decoded: {e}")] * num_rows
+        for i, row in enumerate(rows):
+            yield f"{path}:row {first_row + i}", row
+        first_row += num_rows
+
+
+def embedded_image(data: bytes, image_dir: str | None) -> str:
+    """A reference to image bytes embedded in a record.
+
+    With `image_dir`: a file under it named by the bytes' SHA-256, written once and atomically, so ranks,
+    nodes and requeued runs share it (training sets hold too many images to keep in memory). Without: a
+    data: URI (evaluation sets; checks)."""
+    if image_dir is None:
+        return "data:image;base64," + base64.b64encode(data).decode("ascii")
+    digest = hashlib.sha256(data).hexdigest()
+    path = os.path.join(image_dir, digest[:2], digest)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.partial-{uuid.uuid4().hex}"
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, path)
+    return path
+
+
+def resolve_image_ref(ref: Any, base_dir: str, image_dir: str | None = None) -> str:
+    if isinstance(ref, dict) and ("bytes" in ref or "path" in ref):  # a `datasets` Image struct
+        data = ref.get("bytes")
+        if data:
+            if not isinstance(data, (bytes, bytearray)):
+                raise BadRecord("bad_image", f"embedded image 'bytes' is a {type(data).__name__}, not binary")
+            return embedded_image(bytes(data), image_dir)
+        ref = ref.get("path")
     if not isinstance(ref, str) or not ref:
-        raise BadRecord("bad_image", f"image reference {ref!r} is not a non-empty string")
+        raise BadRecord("bad_image", f"image reference {str(ref)[:80]!r} is not a non-empty string")
     if ref.startswith(("http://", "https://", "data:image", "file://")):
         return ref
     return ref if os.path.isabs(ref) else os.path.normpath(os.path.join(base_dir, ref))
@@ -205,6 +251,18 @@ def validate_rl(obj: dict) -> int:
 VALIDATORS = {"sft": validate_sft, "rl": validate_rl}
 
 
+def _image_field(obj: dict) -> list:
+    """The record's image references: 'images' (a list), or 'image' (one, or a list) as many datasets name it."""
+    if obj.get("images") is not None and obj.get("image") is not None:
+        raise BadRecord("bad_image", "both 'images' and 'image' are given")
+    if obj.get("images") is not None:
+        if not isinstance(obj["images"], list):
+            raise BadRecord("bad_image", "'images' must be a list")
+        return obj["images"]
+    image = obj.get("image")
+    return [] if image is None else image if isinstance(image, list) else [image]
+
+
 def read_records(
     paths: list[str],
     kind: str = "sft",
@@ -212,12 +270,14 @@ def read_records(
     min_pixels: int = 3136,
     max_pixels: int = 1003520,
     select=None,
+    image_dir: str | None = None,
 ) -> tuple[list[Record], DataReport]:
     """Every usable record of the files, in file order, and the report of the others.
 
     With check_images every image is decoded and resized once (a corrupt file is reported here) and its
     resized size kept in `Record.image_sizes`, which fixes its number of visual tokens.
     `select(i)` keeps only the i-th raw entries (over all files) it accepts: ranks split the work.
+    `image_dir`: where images embedded in Parquet records are written (see `embedded_image`).
     """
     from ovr_hpc.data.vision import check_image
 
@@ -240,10 +300,7 @@ def read_records(
                 if not isinstance(obj, dict):
                     raise BadRecord("malformed_json", "a record must be a JSON object")
                 n_slots = validate(obj)
-                raw_images = obj.get("images") or []
-                if not isinstance(raw_images, list):
-                    raise BadRecord("bad_image", "'images' must be a list")
-                images = [resolve_image_ref(r, base_dir) for r in raw_images]
+                images = [resolve_image_ref(r, base_dir, image_dir) for r in _image_field(obj)]
                 if n_slots and n_slots != len(images):
                     raise BadRecord(
                         "image_count_mismatch", f"{n_slots} image placeholders but {len(images)} images"

@@ -20,7 +20,6 @@ No torch import here: the config check (`ovr-hpc check eval`) imports the adapte
 from __future__ import annotations
 
 import ast
-import base64
 import csv
 import glob
 import hashlib
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from ovr_hpc.config import ConfigError
-from ovr_hpc.data.records import BadRecord, DataReport
+from ovr_hpc.data.records import BadRecord, DataReport, embedded_image
 
 MC = "multiple_choice"
 NUMBER = "number"
@@ -161,7 +160,7 @@ class ImageResolver:
                 return self(bytes(value["bytes"]))
             value = value.get("path")
         if isinstance(value, (bytes, bytearray)):
-            return "data:image;base64," + base64.b64encode(bytes(value)).decode("ascii")
+            return embedded_image(bytes(value), None)   # evaluation sets are small enough to keep in memory
         if not isinstance(value, str) or not value.strip():
             raise BadRecord("bad_image", f"image field {str(value)[:80]!r} is neither a path nor image bytes")
         value = value.strip()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ovr_hpc.data.records import DataReport, read_records
@@ -43,10 +44,12 @@ def stop_strings(data_cfg, rollout_cfg) -> list[str]:
     return list(rollout_cfg.stop) + (ORZ_STOP if data_cfg.prompt_template == "orz" else [])
 
 
-def load_rl_prompts(data_cfg, processor) -> tuple[list[RLPrompt], DataReport]:
-    """Every usable prompt in file order; bad records and over-long prompts are reported and counted."""
+def load_rl_prompts(data_cfg, processor, cache_root: str) -> tuple[list[RLPrompt], DataReport]:
+    """Every usable prompt in file order; bad records and over-long prompts are reported and counted.
+    Images embedded in Parquet records are written under `cache_root`/images."""
     records, report = read_records(data_cfg.train_files, kind="rl", check_images=True,
-                                   min_pixels=data_cfg.min_pixels, max_pixels=data_cfg.max_pixels)
+                                   min_pixels=data_cfg.min_pixels, max_pixels=data_cfg.max_pixels,
+                                   image_dir=os.path.join(cache_root, "images"))
     tokenizer = processor.tokenizer
     prompts = []
     for rec in records:

@@ -113,7 +113,8 @@ def train(cfg: RLConfig) -> dict:
 
     # ---- prompts (validated, reported), same list on every rank
     processor = load_processor(cfg.model.path, cfg.data.min_pixels, cfg.data.max_pixels)
-    prompts, report = load_rl_prompts(cfg.data, processor)
+    prompts, report = load_rl_prompts(cfg.data, processor,
+                                      cfg.data.cache_dir or os.path.join(out_dir, "data_cache"))
     log(report.format())
     report.check_threshold(cfg.data.max_bad_fraction)
     if not prompts:

@@ -121,3 +121,33 @@ def test_truncation_never_splits_an_image(processor):
     assert truncate(sample, 4, pad) is None
     assert truncate(sample, 7, pad).input_ids == [1, 2, pad, pad, pad, 3, 4]
     assert truncate(sample, 5, pad) is None  # nothing left to learn
+
+
+def test_embedded_parquet_images_train_like_image_files(processor, tiny_model_dir, image_records_file, tmp_path):
+    """The same records as Parquet with the images' bytes inside (as `datasets` writes them) give the same
+    tokens and pixels; the bytes live in the data cache as files, one per distinct image."""
+    import json
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    base = os.path.dirname(image_records_file)
+    rows = []
+    for line in open(image_records_file):
+        record = json.loads(line)
+        images = [{"bytes": open(os.path.join(base, n), "rb").read(), "path": n} for n in record.get("images", [])]
+        rows.append({"messages": record["messages"], "images": images})
+    parquet = tmp_path / "embedded.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    _, from_files = _dataset(image_records_file, processor, tiny_model_dir, tmp_path / "files")
+    _, embedded = _dataset(str(parquet), processor, tiny_model_dir, tmp_path / "embedded")
+    assert len(embedded) == len(from_files) == 12 and embedded.report.num_bad == 0
+    assert sum(p.is_file() for p in (tmp_path / "embedded" / "cache" / "images").rglob("*")) == 2
+    collator = Collator(processor, 3136, 50176)
+    for i in range(len(embedded)):
+        a, b = collator([from_files.sample(i)]), collator([embedded.sample(i)])
+        assert torch.equal(a.input_ids, b.input_ids)
+        assert (a.pixel_values is None) == (b.pixel_values is None)
+        if a.pixel_values is not None:
+            assert torch.equal(a.pixel_values, b.pixel_values)

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import subprocess
@@ -98,3 +99,75 @@ def test_byte_order_mark_and_non_finite_answers(tmp_path):
     assert records[1].data["answer"] == "2.5"
     assert report.kinds == {"empty_answer": 1}
     assert report.examples == [f"{path}:2: empty_answer: 'answer' nan is not a finite number"]
+
+
+def _png_bytes(size=(56, 84), color=(10, 200, 30)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", size, color).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_parquet_with_embedded_images_like_hugging_face_datasets(tmp_path):
+    """`datasets` Image columns store {"bytes", "path"} structs; the bytes become files named by their hash."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write_png(tmp_path / "ok.png")
+    png, other = _png_bytes(), _png_bytes(color=(0, 0, 255))
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [
+        {"problem": "<image>a?", "answer": "1", "images": [{"bytes": png, "path": "a.png"}], "image": None},
+        {"problem": "b?", "answer": "2", "images": None, "image": [{"bytes": other, "path": None}]},   # 'image'
+        {"problem": "c?", "answer": "3", "images": [{"bytes": None, "path": "ok.png"}], "image": None},  # by path
+        {"problem": "d?", "answer": "4", "images": [{"bytes": b"\x89PNG broken", "path": "d.png"}], "image": None},
+        {"problem": "e?", "answer": "5", "images": [{"bytes": None, "path": None}], "image": None},
+        {"problem": "f?", "answer": "6", "images": [{"bytes": png, "path": None}], "image": None},       # same bytes
+        {"problem": "g?", "answer": "7", "images": [{"bytes": png, "path": None}],
+         "image": [{"bytes": png, "path": None}]},
+    ]
+    schema = pa.schema([("problem", pa.string()), ("answer", pa.string()), ("images", pa.list_(image)),
+                        ("image", pa.list_(image))])
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    image_dir = tmp_path / "cache" / "images"
+    records, report = read_records([str(path)], kind="rl", image_dir=str(image_dir))
+    assert [r.data["answer"] for r in records] == ["1", "2", "3", "6"]
+    assert records[0].images == records[3].images and records[0].image_sizes == [(84, 56)]
+    assert open(records[0].images[0], "rb").read() == png and records[0].images[0].startswith(str(image_dir))
+    assert open(records[1].images[0], "rb").read() == other
+    assert records[2].images == [str(tmp_path / "ok.png")]
+    # one file per distinct image, named by its hash (the broken one's too: it was reported after writing)
+    assert sorted(p.name for p in image_dir.rglob("*") if p.is_file()) == sorted(
+        hashlib.sha256(b).hexdigest() for b in (png, other, b"\x89PNG broken"))
+    assert report.kinds == {"bad_image": 3}
+    text = report.format()
+    assert f"{path}:row 4: bad_image" in text and f"{path}:row 5: bad_image" in text
+    assert f"{path}:row 7: bad_image: both 'images' and 'image' are given" in text
+    # without a folder (evaluation): data URIs that load the same
+    records, _ = read_records([str(path)], kind="rl")
+    assert records[0].images[0].startswith("data:image") and records[0].image_sizes == [(84, 56)]
+
+
+def test_a_corrupt_parquet_row_group_costs_only_its_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "x.parquet"
+    rows = [{"problem": f"p{i}", "answer": str(i)} for i in range(6)]
+    pq.write_table(pa.Table.from_pylist(rows), path, row_group_size=2, compression="snappy")
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(1)   # the answers of rows 3-4
+    data = bytearray(path.read_bytes())
+    start = chunk.dictionary_page_offset or chunk.data_page_offset   # the chunk starts at its dictionary
+    data[start:start + chunk.total_compressed_size] = b"\xff" * chunk.total_compressed_size
+    path.write_bytes(bytes(data))
+    records, report = read_records([str(path)], kind="rl", check_images=False)
+    assert [r.data["answer"] for r in records] == ["0", "1", "4", "5"]
+    assert report.num_total == 6 and report.kinds == {"unreadable_file": 2}
+    assert f"{path}:row 3: unreadable_file: row group 1 cannot be decoded" in report.format()
+    path.write_bytes(bytes(data[: len(data) // 2]))   # no footer: the whole file is one bad entry
+    records, report = read_records([str(path)], kind="rl", check_images=False)
+    assert records == [] and report.kinds == {"unreadable_file": 1}
