@@ -33,7 +33,14 @@ Comparison by ``answer_type``
   ("0.1\\overline{6}") become fractions, a leading "\\approx" is dropped, an answer that is
   one number word ("two", "\\text{Twelve}", up to twenty and the tens) becomes its digits, and a
   number followed by plain words ("5 dollars", "50 percent") is a number with a unit, unless a
-  word changes the value ("2 pi", "5 thousand").
+  word changes the value ("2 pi", "5 thousand"); trigonometric functions of degrees
+  ("\\cos 60^\\circ") are written in radians (math-verify reads cos of 60 radians) and a
+  segment "\\overline{AB}" is AB.
+* Then a "wrong" verdict gets a second look by value: plain numbers spelled differently ("1e3"
+  and 1000), degrees against radians ("30^\\circ" and "\\frac{\\pi}{6}"), and a rounded
+  reference (a decimal with a decimal place and three significant digits, "11.31") matched by an
+  exact answer ("8\\sqrt{2}") or a more precise decimal within half a unit of its last place.
+  Rounding an exact reference ("3.14" for \\pi) stays wrong.
 
 Safety
 ------
@@ -260,6 +267,7 @@ _UNICODE = {
     "\u03c0": "\\pi ",
     "\u221e": "\\infty ",
     "\u00b0": "^\\circ",
+    "\\degree": "^\\circ",  # gensymb
     "\u2264": "\\le ",
     "\u2265": "\\ge ",
     "\u2260": "\\ne ",
@@ -282,6 +290,12 @@ _FRAC_VARIANT_RE = re.compile(r"\\[dt]frac\b")
 _LEADING_APPROX_RE = re.compile(r"^(?:\\approx|\\simeq|\\sim|\\thickapprox)(?![A-Za-z])\s*")
 # 0.1\overline{6} = 1/6: repeating decimals become fractions (at most 12 digits each part).
 _REPEATING_RE = re.compile(r"(?<![\d.])(\d{0,12})\.(\d{0,12})\\overline\s*\{(\d{1,12})\}")
+# \cos 60^\circ: math-verify reads the argument as 60 radians; written out in radians instead.
+_TRIG = r"\\(sin|cos|tan|cot|sec|csc)\s*"
+_DEGREES = r"\s*(\d+(?:\.\d+)?)\s*\^\s*(?:\\circ|\{\s*\\circ\s*\})\s*"
+_TRIG_DEGREES_RE = re.compile(_TRIG + r"(?:\(" + _DEGREES + r"\)|\{" + _DEGREES + r"\}|" + _DEGREES + ")")
+# \overline{AB} (a segment) is named AB.
+_SEGMENT_RE = re.compile(r"\\(?:overline|overleftrightarrow|overrightarrow|vec)\s*\{\s*([A-Z]{1,3})\s*\}")
 # "5 dollars", "12 square units": a number followed by plain words is a number with a unit, as
 # "5\\text{ dollars}" is; words that change the value ("2 pi", "5 thousand") or join numbers do not count.
 _NUMBER_UNIT_WORDS_RE = re.compile(r"^([+-]?\d[\d,]*(?:\.\d+)?)\s+([A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,2})$")
@@ -302,6 +316,11 @@ def _repeating_to_fraction(m: re.Match) -> str:
     numerator = int(whole + fixed + period) - int(whole + fixed)
     denominator = 10 ** len(fixed) * (10 ** len(period) - 1)
     return f"\\frac{{{numerator}}}{{{denominator}}}"
+
+
+def _trig_in_radians(m: re.Match) -> str:
+    degrees = next(g for g in m.groups()[1:] if g is not None)
+    return f"\\{m.group(1)}(\\frac{{{degrees}\\pi}}{{180}})"
 
 
 def _number_with_unit_words(s: str) -> str:
@@ -331,6 +350,8 @@ def _clean(s: str) -> str:
     s = _LEFT_RIGHT_RE.sub("", s)
     s = _FRAC_VARIANT_RE.sub(r"\\frac", s)
     s = _REPEATING_RE.sub(_repeating_to_fraction, s)
+    s = _TRIG_DEGREES_RE.sub(_trig_in_radians, s)
+    s = _SEGMENT_RE.sub(r"\1", s)
     s = _LEADING_APPROX_RE.sub("", s.strip())
     while s and s[-1] in ".,;" and not s.endswith("\\."):
         s = s[:-1].rstrip()
@@ -488,15 +509,33 @@ def _num(s: str) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _plain_float(s: str) -> tuple[float | None, bool]:
-    """(value, is_percent) for plain numeric text, without sympy.  Value None if not plain."""
+_DEGREE_SIGN_RE = re.compile(r"\^\s*\{?\\circ\}?$")
+
+
+def _bare_number_text(s: str) -> tuple[str, bool, bool]:
+    """(text, is_percent, is_degrees): s without text commands, "x =", currency, a trailing % or degree sign."""
     s = _strip_text_commands(_unwrap_text(_clean(s)))
     s = _ASSIGN_RE.sub("", s).strip()
     s = s.replace("\\$", "").replace("\\%", "%").strip()
     pct = s.endswith("%")
     if pct:
         s = s[:-1].strip()
-    s = re.sub(r"\^\s*\{?\\circ\}?$", "", s).strip()
+    bare = _DEGREE_SIGN_RE.sub("", s).strip()
+    return bare, pct, bare != s
+
+
+_UNIT_SUFFIX_RE = re.compile(r"\s*\\(?:text|mathrm|mbox)\s*\{[^{}]*\}(?:\s*\^\s*\{?\d\}?)?\s*$")
+
+
+def _plain_numeral(s: str) -> str | None:
+    """The text of one plain decimal number ("11.31", "x = 11.31", "11.31\\text{ cm}", "11.31^\\circ"), else None."""
+    bare, _, _ = _bare_number_text(_UNIT_SUFFIX_RE.sub("", _clean(s)))
+    return bare if _PLAIN_NUM_RE.match(bare) and _num(bare) is not None else None
+
+
+def _plain_float(s: str) -> tuple[float | None, bool]:
+    """(value, is_percent) for plain numeric text, without sympy.  Value None if not plain."""
+    s, pct, _ = _bare_number_text(s)
     m = _PLAIN_NUM_RE.match(s)
     if m:
         return _num(m.group(1)), pct
@@ -520,7 +559,7 @@ def _plain_float(s: str) -> tuple[float | None, bool]:
                 return None, pct
             return (v if math.isfinite(v) else None), pct
     m = _UNIT_TAIL_RE.match(s)
-    if m:
+    if m and not _NOT_UNIT_WORDS.intersection(re.findall(r"[a-z]+", s[m.end(1):].lower())):   # "2 pi" is no unit
         return _num(m.group(1)), pct
     return None, pct
 
@@ -547,6 +586,47 @@ def _sympy_float(expr: Any) -> float | None:
 
 def _close(pred: float, ref: float) -> bool:
     return abs(pred - ref) <= max(REL_TOL * abs(ref), ABS_TOL)
+
+
+def _value(s: str, parse: Callable[[str], list]) -> float | None:
+    """The real value of a plain number or, parsed, of a closed-form expression (units allowed)."""
+    numeral = _plain_numeral(s)
+    return _num(numeral) if numeral is not None else _sympy_float(_first(parse(s)))
+
+
+def _places(numeral: str) -> tuple[int, int]:
+    """(decimal places, significant digits) of a decimal numeral: "11.31" -> (2, 4), "0.0450" -> (4, 3)."""
+    whole, _, fraction = numeral.lstrip("+-").replace(",", "").partition(".")
+    return len(fraction), len((whole + fraction).lstrip("0"))
+
+
+def _equal_by_value(answer: str, ref: str) -> bool:
+    """A second look at a 'wrong' verdict, by numeric value (percentages are left to the first look):
+    - plain numbers spelled differently ("1e3" and 1000: math-verify reads "1e3" as 1*e*3);
+    - degrees against radians ("30^\\circ" and "\\frac{\\pi}{6}");
+    - a rounded reference: a decimal reference with at least one decimal place and three significant
+      digits ("11.31", as in geometry sets) matches an exact answer ("8\\sqrt{2}") or a more precise
+      decimal ("11.3137") within half a unit of its last place. A less precise decimal ("11.3") is at
+      least a whole unit away, so it stays wrong; so does rounding an exact reference ("3.14" for \\pi)."""
+    _, answer_pct, answer_degrees = _bare_number_text(answer)
+    _, ref_pct, ref_degrees = _bare_number_text(ref)
+    if answer_pct or ref_pct:
+        return False
+    ref_numeral = _plain_numeral(ref)
+    ref_places, ref_digits = _places(ref_numeral) if ref_numeral and "e" not in ref_numeral.lower() else (0, 0)
+    rounded_ref = ref_places >= 1 and ref_digits >= 3
+    if answer_degrees == ref_degrees and not rounded_ref:   # only other spellings of one plain number
+        answer_numeral = _plain_numeral(answer)
+        return (answer_numeral is not None and ref_numeral is not None
+                and abs(_num(answer_numeral) - _num(ref_numeral)) <= 1e-9 * max(1.0, abs(_num(ref_numeral))))
+    answer_value, ref_value = _value(answer, _mv_parse), _value(ref, _gold)
+    if answer_value is None or ref_value is None:
+        return False
+    if answer_degrees != ref_degrees:
+        degrees, radians, expression = ((answer_value, ref_value, ref) if answer_degrees
+                                        else (ref_value, answer_value, answer))
+        return "\\pi" in _clean(expression) and _close(math.radians(degrees), radians)
+    return abs(answer_value - ref_value) <= 0.5 * 10.0 ** -ref_places * (1 + 1e-9)
 
 
 # ----------------------------------------------------------------------------- math-verify
@@ -674,12 +754,12 @@ def _score_impl(response: Any, reference: Any, answer_type: str | None) -> Rewar
     if _too_complex(answer):
         return _result("too_complex", raw)
 
-    if kind in _NUMBER_TYPES:
-        res = _score_number(answer, ref)
-        if res is not None:
-            return _result(res, raw)
-
-    return _result(_score_math(answer, ref), raw)
+    verdict = _score_number(answer, ref) if kind in _NUMBER_TYPES else None
+    if verdict is None:
+        verdict = _score_math(answer, ref)
+    if verdict in ("wrong", "parse_error") and _equal_by_value(answer, ref):
+        verdict = "correct"
+    return _result(verdict, raw)
 
 
 def _score_number(answer: str, ref: str) -> str | None:

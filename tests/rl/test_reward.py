@@ -102,6 +102,21 @@ def test_extract_last_boxed(text, content, status):
         ("12 square units", "12"),
         ("50 percent", "0.5"),
         ("7", "7 apples"),
+        ("30^\\circ", "\\frac{\\pi}{6}"),  # degrees against radians
+        ("\\frac{\\pi}{3}", "60°"),
+        ("180^\\circ", "\\pi"),
+        ("\\cos 60^\\circ", "\\frac12"),  # trigonometry of degrees (math-verify reads cos(60 radians))
+        ("\\sin(30^{\\circ})", "0.5"),
+        ("\\tan 45\\degree", "1"),
+        ("1e3", "1000"),  # math-verify reads 1e3 as 1*e*3
+        ("1.5e-3", "0.0015"),
+        ("8\\sqrt{2}", "11.31"),  # a rounded reference: exact answers, and more precise decimals, round to it
+        ("x = 8\\sqrt{2}", "11.31"),
+        ("8\\sqrt{2}\\text{ cm}", "11.31\\text{ cm}"),
+        ("11.3137", "11.31"),
+        ("6\\pi", "18.85"),
+        ("2\\sqrt{3}", "3.464"),
+        ("\\overline{AB}", "AB"),  # a segment by its name
     ],
 )
 def test_math_equivalent(answer, reference):
@@ -129,6 +144,18 @@ def test_math_equivalent(answer, reference):
         ("5 thousand", "5"),
         ("3 and 4", "3"),
         ("6 dollars", "5"),
+        ("30", "\\frac{\\pi}{6}"),  # no degree sign: not an angle
+        ("0.5236", "30^\\circ"),  # radians only as an expression of pi
+        ("30^\\circ", "\\frac{\\pi}{5}"),
+        ("\\cos 60^\\circ", "\\frac{\\sqrt{3}}{2}"),
+        ("1e3", "100"),
+        ("11.32", "11.31"),  # a rounded reference matches within half a unit of its last place...
+        ("11.3", "11.31"),  # ...never a less precise answer
+        ("-11.3137", "11.31"),
+        ("1.04", "1.0"),  # ...and only with 3 significant digits: "1.0" may well be exact
+        ("0.54", "0.5"),
+        ("6.28", "2\\pi"),  # rounding an exact reference is not the answer
+        ("\\overline{AB}", "AC"),
     ],
 )
 def test_math_not_equivalent(answer, reference):
@@ -205,6 +232,9 @@ def test_explicit_math_type_does_not_infer_choice():
         ("1e-7", "0", "wrong"),
         ("abc", "3", "wrong"),
         ("\\sqrt{2}", "1.41421", "correct"),
+        ("2 pi", "2", "wrong"),  # "pi" is no unit
+        ("2\\pi", "6.28", "correct"),  # a rounded reference
+        ("3.46", "2\\sqrt{3}", "wrong"),
     ],
 )
 def test_number_tolerance(answer, reference, reason):
