@@ -12,6 +12,9 @@ Layout of OUTPUT_DIR/checkpoints/:
 
 A save writes into .tmp_step_N and renames it, then moves `latest`: a crash at any moment leaves the
 previous checkpoint usable. Only folders with COMPLETE count.
+
+torch and numpy are imported where they are used: `ovr-hpc check` reads checkpoints (whether the latest
+one loads on the job's layout) on login nodes, without torch.
 """
 
 from __future__ import annotations
@@ -22,10 +25,8 @@ import random
 import re
 import shutil
 
-import numpy as np
-import torch
-
 from ovr_hpc import dist
+from ovr_hpc.config import ConfigError
 
 COMPLETE = "COMPLETE"
 
@@ -56,6 +57,9 @@ def _complete_steps(root: str) -> list[int]:
 
 
 def rng_state() -> dict:
+    import numpy as np
+    import torch
+
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -68,6 +72,9 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
     random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
@@ -150,6 +157,8 @@ def save_checkpoint(engines: dict, output_dir: str, step: int, train_state: dict
                     keep_last: int, save_hf: bool) -> str:
     """All ranks call. `engines` maps names to engines; the HF weights are those of engines["policy"].
     Returns the final step_N path."""
+    import torch
+
     root = checkpoints_dir(output_dir)
     final = os.path.join(root, f"step_{step}")
     tmp = os.path.join(root, f".tmp_step_{step}")
@@ -211,6 +220,8 @@ def end_of_step(step: int, total_steps: int, every_steps: int, stop, save, log) 
 
 def load_checkpoint(engines: dict, path: str) -> dict:
     """All ranks call. Restores every engine's state and this rank's RNG; returns the train state."""
+    import torch
+
     for name, engine in engines.items():
         if not os.path.isdir(os.path.join(path, name)):
             raise RuntimeError(f"{path} has no state for {name!r} (holds: {sorted(os.listdir(path))})")
@@ -225,6 +236,58 @@ def load_checkpoint(engines: dict, path: str) -> dict:
         print(f"rank {rank}: {path} was saved on fewer ranks: resuming on this layout without a saved RNG "
               "state for this rank", flush=True)
     return client_state["train_state"]
+
+
+def saved_num_ranks(checkpoint: str) -> int:
+    """Ranks that saved `checkpoint` (each writes its RNG state)."""
+    return len([n for n in os.listdir(checkpoint) if re.fullmatch(r"rng_rank\d+\.pt", n)])
+
+
+def resume_layout_problem(saved: dict, parallel, saved_world: int, world: int) -> str | None:
+    """Why an engine checkpoint saved with the `saved` parallel section (the checkpoint's config.yaml) on
+    `saved_world` ranks cannot load with `parallel` on `world` ranks; None when it can.
+
+    Megatron-core's distributed checkpoints reshard to any layout. DeepSpeed converts to its universal
+    format for another number of ranks (ZeRO 1-3), but measured here: ZeRO-3 files do not load into
+    ZeRO-1/2 or back (1 and 2 share a format), an AutoTP checkpoint does not load at another AutoTP size,
+    and its universal conversion fails ("Unused patterns ... while merging tp slices"), so not on another
+    number of ranks either."""
+    defaults = type(parallel)()   # for keys a config.yaml leaves out
+    engine = saved.get("engine", defaults.engine)
+    if engine != parallel.engine:
+        return f"it was saved by the {engine} engine, this run uses parallel.engine={parallel.engine}"
+    if engine != "deepspeed":
+        return None
+    zero, autotp = saved.get("zero_stage", defaults.zero_stage), saved.get("autotp_size", defaults.autotp_size)
+    if (zero == 3) != (parallel.zero_stage == 3):
+        return (f"it was saved with parallel.zero_stage={zero}, this run has {parallel.zero_stage}: DeepSpeed "
+                "loads ZeRO-3 checkpoints only into ZeRO-3 (1 and 2 are interchangeable)")
+    if autotp != parallel.autotp_size:
+        return (f"it was saved with parallel.autotp_size={autotp}, this run has {parallel.autotp_size}: DeepSpeed "
+                "cannot reshape AutoTP checkpoints")
+    if autotp > 1 and saved_world != world:
+        return (f"it was saved with AutoTP on {saved_world} ranks, this run has {world}: DeepSpeed's universal "
+                "conversion cannot merge AutoTP slices, so an AutoTP run resumes only on its own number of ranks")
+    return None
+
+
+def check_resume_layout(config, world_size: int) -> None:
+    """ConfigError when the run would resume (checkpoint.resume and a complete checkpoint) from a checkpoint
+    that cannot load on this layout: before any data or model is loaded, and in `ovr-hpc check` before a
+    job starts. The message names the checkpoint and the ways out."""
+    import yaml
+
+    checkpoint = latest_checkpoint(config.checkpoint.output_dir) if config.checkpoint.resume else None
+    if checkpoint is None:
+        return
+    with open(os.path.join(checkpoint, "config.yaml")) as f:
+        saved = (yaml.safe_load(f) or {}).get("parallel") or {}
+    problem = resume_layout_problem(saved, config.parallel, saved_num_ranks(checkpoint), world_size)
+    if problem:
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: {problem}. Resume with the layout it was saved with, or start a "
+            f"new run (another checkpoint.output_dir) from its weights: `ovr-hpc export {checkpoint} DIR`, then "
+            "model.path=DIR")
 
 
 def resolve_checkpoint(path: str) -> str:

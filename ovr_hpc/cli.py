@@ -55,6 +55,10 @@ def _check(args) -> int:
     config = load_config(args.stage, args.config, args.overrides)
     if args.world_size:
         config.validate_world(args.world_size)
+        if args.stage in TRAIN_STAGES:
+            from ovr_hpc.checkpoint import check_resume_layout
+
+            check_resume_layout(config, args.world_size)
     if not args.quiet:
         print(dump_config(config), end="")
     return 0
@@ -124,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("stage")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--world-size", type=int, default=0, help="also check the batch layout for this many ranks")
+    p.add_argument("--world-size", type=int, default=0,
+                   help="also check the batch layout, and that the latest checkpoint loads, for this many ranks")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_check)
 

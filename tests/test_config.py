@@ -271,3 +271,59 @@ def test_large_configs_layout(tmp_path, size, tp, pp, world, stage):
         cfg.validate_world(world - 8)  # one node short
     if stage == "coldstart":
         assert p.global_batch_size == 640 and p.grad_accum_steps(world) == 320
+
+
+@pytest.mark.parametrize("saved,saved_world,overrides,world,problem", [
+    ({"zero_stage": 2}, 2, ["parallel.zero_stage=2"], 1, None),            # universal conversion
+    ({"zero_stage": 1}, 2, ["parallel.zero_stage=2"], 2, None),            # ZeRO-1 and 2 share a format
+    ({"zero_stage": 3}, 1, ["parallel.zero_stage=3"], 2, None),
+    ({"zero_stage": 2}, 2, ["parallel.zero_stage=3"], 2, "parallel.zero_stage=2, this run has 3"),
+    ({"zero_stage": 3}, 2, ["parallel.zero_stage=1"], 2, "ZeRO-3 checkpoints only into ZeRO-3"),
+    ({"zero_stage": 2, "autotp_size": 2}, 2, ["parallel.zero_stage=2"], 2, "autotp_size=2, this run has 1"),
+    ({"zero_stage": 2}, 2, ["parallel.zero_stage=2", "parallel.autotp_size=2"], 2, "cannot reshape AutoTP"),
+    ({"zero_stage": 2, "autotp_size": 2}, 2, ["parallel.zero_stage=2", "parallel.autotp_size=2"], 2, None),
+    ({"zero_stage": 2, "autotp_size": 2}, 2, ["parallel.zero_stage=2", "parallel.autotp_size=2"], 4,
+     "AutoTP on 2 ranks, this run has 4"),
+    ({"engine": "megatron"}, 2, ["parallel.zero_stage=2"], 2, "saved by the megatron engine"),
+    ({}, 2, [], 2, None),                                                     # keys left out: the defaults
+])
+def test_which_checkpoint_layouts_resume(saved, saved_world, overrides, world, problem):
+    from ovr_hpc.checkpoint import resume_layout_problem
+
+    parallel = load_config("coldstart", f"{REPO}/configs/tiny/coldstart.yaml", overrides).parallel
+    found = resume_layout_problem(saved, parallel, saved_world, world)
+    assert found is None if problem is None else problem in found
+
+
+def test_megatron_checkpoints_resume_on_any_layout():
+    from ovr_hpc.checkpoint import resume_layout_problem
+
+    parallel = load_config("rl", f"{REPO}/configs/tiny/rl.yaml", ["parallel.engine=megatron",
+                                                                  "parallel.zero_stage=1"]).parallel
+    saved = {"engine": "megatron", "tensor_parallel_size": 2, "pipeline_parallel_size": 2}
+    assert resume_layout_problem(saved, parallel, 4, 1) is None
+    assert "saved by the deepspeed engine" in resume_layout_problem({"engine": "deepspeed"}, parallel, 1, 1)
+
+
+def test_check_cli_refuses_a_checkpoint_this_layout_cannot_load(tmp_path):
+    """Inside the job, `check --world-size` looks at the checkpoint the run would resume from (without torch)."""
+    step = tmp_path / "run" / "checkpoints" / "step_4"
+    step.mkdir(parents=True)
+    (step / "COMPLETE").write_text("step 4\n")
+    (step / "config.yaml").write_text("parallel:\n  zero_stage: 2\n  autotp_size: 2\n")
+    for rank in range(2):
+        (step / f"rng_rank{rank}.pt").write_bytes(b"")
+    base = ["check", "coldstart", f"{REPO}/configs/tiny/coldstart.yaml", f"checkpoint.output_dir={tmp_path / 'run'}",
+            "parallel.zero_stage=2", "--quiet", "--world-size"]
+
+    def check(*args):
+        code = f"import sys; from ovr_hpc.cli import main; rc = main({base + list(args)!r}); " \
+               "assert 'torch' not in sys.modules; sys.exit(rc)"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    assert check("2", "parallel.autotp_size=2").returncode == 0
+    refused = check("4", "parallel.autotp_size=2")
+    assert refused.returncode == 2
+    assert f"cannot resume from {step}: it was saved with AutoTP on 2 ranks, this run has 4" in refused.stderr
+    assert "ovr-hpc export" in refused.stderr
+    assert check("4", "parallel.autotp_size=2", "checkpoint.resume=false").returncode == 0

@@ -20,7 +20,7 @@ from collections import defaultdict
 import torch
 
 from ovr_hpc import dist
-from ovr_hpc.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint
+from ovr_hpc.checkpoint import check_resume_layout, end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from ovr_hpc.config import RLConfig, dump_config, to_dict
 from ovr_hpc.data.dataset import IGNORE_INDEX, Collator, rows_at
 from ovr_hpc.data.templates import TokenizedSample
@@ -95,6 +95,7 @@ def train(cfg: RLConfig) -> dict:
     # ---- where we are, and the stop flag
     info = dist.init_distributed()
     cfg.validate_world(info.world_size)
+    check_resume_layout(cfg, info.world_size)
     if cfg.rollout.engine == "vllm":  # now on the machine that runs it: a GPU (or the CPU test build) is needed
         from ovr_hpc.config import ConfigError
         from ovr_hpc.rollout.vllm import VLLMUnavailableError, check_vllm_available

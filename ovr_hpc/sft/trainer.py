@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ovr_hpc import dist
-from ovr_hpc.checkpoint import end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint
+from ovr_hpc.checkpoint import check_resume_layout, end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint
 from ovr_hpc.config import ColdStartConfig, dump_config, to_dict
 from ovr_hpc.data.dataset import Collator, build_rows, prepare_sft_dataset, rows_at
 from ovr_hpc.engines.base import build_engine
@@ -33,6 +33,7 @@ def train(cfg: ColdStartConfig) -> dict:
     # ---- where we are, and the stop flag (set by SIGUSR1/SIGUSR2/SIGTERM, read at step boundaries)
     info = dist.init_distributed()
     cfg.parallel.validate_world(info.world_size)
+    check_resume_layout(cfg, info.world_size)
     stop = dist.StopRequest().install()
     seed_everything(cfg.seed)
     out_dir = cfg.checkpoint.output_dir

@@ -4,6 +4,8 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -82,6 +84,13 @@ def test_autotp_matches_data_parallel(tiny_model_dir_2kv, arithmetic_file, tmp_p
     assert wa.keys() == wb.keys()
     for k in wa:
         assert wa[k].shape == wb[k].shape and (wa[k] - wb[k]).abs().max() < 1e-4, k
+
+    # DeepSpeed cannot load it at another AutoTP size: refused before any data or model is loaded
+    moved = subprocess.run([sys.executable, "-m", "ovr_hpc.cli", "coldstart", CONFIG,
+                            *_overrides(tiny_model_dir, arithmetic_file, tp, *extra)],
+                           capture_output=True, text=True, timeout=120)
+    assert moved.returncode == 2
+    assert "it was saved with parallel.autotp_size=2, this run has 1" in moved.stderr
 
 
 def test_zero3_with_images_on_some_ranks_only(tiny_model_dir, image_records_file, tmp_path):
