@@ -139,15 +139,18 @@ class DeepSpeedEngine:
         from deepspeed.module_inject.layers import GatherReplacedLayerParams
 
         zero3, tp = self.parallel.zero_stage == 3, self.tp_size > 1
+        seen = set()   # a tied LM head is the embedding's parameter: exported once, as the embedding
         for module_name, module in self.engine.module.named_modules():
-            params = list(module.parameters(recurse=False))
+            params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
             if not params:
                 continue
+            seen.update(map(id, params))
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
                 with GatherReplacedLayerParams(params, module, enabled=tp):
                     for name, p in module.named_parameters(recurse=False):
-                        full = f"{module_name}.{name}" if module_name else name
-                        yield full.removeprefix("model."), p.detach().clone()
+                        if any(p is q for q in params):
+                            full = f"{module_name}.{name}" if module_name else name
+                            yield full.removeprefix("model."), p.detach().clone()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -290,6 +290,7 @@ def build_tiny_model(
     min_pixels: int = 56 * 56,
     max_pixels: int = 28 * 28 * 1280,
     dtype: str = "float32",
+    tie_word_embeddings: bool = False,
 ) -> pathlib.Path:
     """Write a random-init tiny Qwen2.5-VL checkpoint (model, tokenizer, processor) to ``out_dir``.
 
@@ -316,6 +317,8 @@ def build_tiny_model(
         min_pixels, max_pixels: image processor pixel bounds (Qwen2.5-VL's defaults).
         dtype: dtype of the saved weights and of ``config.dtype`` ("float32" suits the CPU; the real
             checkpoint is "bfloat16"). ``from_pretrained`` in transformers 5 loads this dtype by default.
+        tie_word_embeddings: the LM head shares the embedding matrix and the checkpoint has no
+            ``lm_head.weight`` (as Qwen2.5-VL-3B; 7B and larger have their own head).
 
     Returns:
         ``pathlib.Path`` of ``out_dir``.
@@ -421,7 +424,7 @@ def build_tiny_model(
         video_token_id=token_id("<|video_pad|>"),
         vision_start_token_id=token_id("<|vision_start|>"),
         vision_end_token_id=token_id("<|vision_end|>"),
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         dtype=dtype,
     )
 

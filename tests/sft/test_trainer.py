@@ -77,6 +77,31 @@ def test_train_checkpoint_export_roundtrip(tiny_model_dir, arithmetic_file, tmp_
     load_processor(str(tmp_path / "hf"))  # the processor travels with the weights
 
 
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_tied_embeddings_train_and_export_as_the_released_layout(arithmetic_file, tmp_path, zero_stage):
+    """Qwen2.5-VL-3B ties its LM head to the embedding: one matrix trained, exported once (no lm_head.weight,
+    as in the released files), loaded tied again."""
+    from safetensors import safe_open
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from ovr_hpc.models.tiny import build_tiny_model
+    from ovr_hpc.sft.trainer import train
+
+    model_dir = str(build_tiny_model(tmp_path / "tied", seed=0, tie_word_embeddings=True))
+    out = tmp_path / "run"
+    train(_cfg(model_dir, arithmetic_file, out, "schedule.max_steps=3", f"parallel.zero_stage={zero_stage}"))
+    losses = [m["loss"] for m in read_metrics(str(out))]
+    assert losses[-1] < losses[0]
+    hf = out / "checkpoints" / "latest" / "hf"
+    with safe_open(str(hf / "model.safetensors"), "pt") as exported, \
+            safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as released:
+        assert set(exported.keys()) == set(released.keys()) and "lm_head.weight" not in exported.keys()
+    trained = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf)
+    start = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir)
+    assert trained.lm_head.weight is trained.model.language_model.embed_tokens.weight
+    assert not torch.equal(trained.lm_head.weight, start.lm_head.weight)
+
+
 def test_crash_during_save_keeps_previous_checkpoint(tiny_model_dir, arithmetic_file, tmp_path):
     """A leftover temporary folder (crash mid-save) and a broken `latest` never count; training resumes."""
     from ovr_hpc.checkpoint import latest_checkpoint
