@@ -33,7 +33,10 @@ Comparison by ``answer_type``
   ("0.1\\overline{6}") become fractions, a leading "\\approx" is dropped, an answer that is
   one number word ("two", "\\text{Twelve}", up to twenty and the tens) becomes its digits, and a
   number followed by plain words ("5 dollars", "50 percent") is a number with a unit, unless a
-  word changes the value ("2 pi", "5 thousand"); trigonometric functions of degrees
+  word changes the value ("2 pi", "5 thousand"); an answer of words against a reference of
+  words ("Democrats", "north-east"; a word has three letters, not all capitals) is compared as
+  text, ignoring case, spaces and hyphens (math-verify reads words as products of symbols: "act"
+  would equal "cat"); trigonometric functions of degrees
   ("\\cos 60^\\circ") are written in radians (math-verify reads cos of 60 radians) and a
   segment "\\overline{AB}" is AB.
 * Then a "wrong" verdict gets a second look by value: plain numbers spelled differently ("1e3"
@@ -298,7 +301,8 @@ _TRIG_DEGREES_RE = re.compile(_TRIG + r"(?:\(" + _DEGREES + r"\)|\{" + _DEGREES 
 _SEGMENT_RE = re.compile(r"\\(?:overline|overleftrightarrow|overrightarrow|vec)\s*\{\s*([A-Z]{1,3})\s*\}")
 # "5 dollars", "12 square units": a number followed by plain words is a number with a unit, as
 # "5\\text{ dollars}" is; words that change the value ("2 pi", "5 thousand") or join numbers do not count.
-_NUMBER_UNIT_WORDS_RE = re.compile(r"^([+-]?\d[\d,]*(?:\.\d+)?)\s+([A-Za-z]{2,}(?:\s+[A-Za-z]{2,}){0,2})$")
+_UNIT_WORD = r"(?:[A-Za-z]{2,}|[A-Za-z]+/[A-Za-z]+(?:\^\{?\d\}?)?)"   # "dollars", "m/s", "km/h", "m/s^2"
+_NUMBER_UNIT_WORDS_RE = re.compile(r"^([+-]?\d[\d,]*(?:\.\d+)?)\s+(" + _UNIT_WORD + r"(?:\s+" + _UNIT_WORD + r"){0,2})$")
 _NOT_UNIT_WORDS = frozenset(
     "pi sqrt sin cos tan cot sec csc log ln exp times thousand thousands million millions billion billions "
     "hundred hundreds dozen dozens and or to plus minus over divided by of".split())
@@ -327,7 +331,7 @@ def _number_with_unit_words(s: str) -> str:
     m = _NUMBER_UNIT_WORDS_RE.match(s)
     if not m:
         return s
-    words = m.group(2).lower().split()
+    words = re.split(r"[\s/^{}\d]+", m.group(2).lower())
     if words == ["percent"]:
         return m.group(1) + "\\%"
     if any(w in _NOT_UNIT_WORDS for w in words):
@@ -356,6 +360,20 @@ def _clean(s: str) -> str:
     while s and s[-1] in ".,;" and not s.endswith("\\."):
         s = s[:-1].rstrip()
     return _number_with_unit_words(s)
+
+
+_WORDS_RE = re.compile(r"^[A-Za-z]+(?:(?:\s+|\s*-\s*|')[A-Za-z]+)*$")
+
+
+def _word_answer(s: str) -> str | None:
+    """Lower-case letters of an answer made of words ("United States", "north-east"), else None. A word
+    has three letters and is not all capitals: "xy" and "ABC" (segments, triangles) stay mathematics."""
+    text = _strip_text_commands(_unwrap_text(s)).strip()
+    if not _WORDS_RE.match(text):
+        return None
+    if not any(len(word) >= 3 and not word.isupper() for word in re.findall(r"[A-Za-z]+", text)):
+        return None
+    return re.sub(r"[^a-z]", "", text.lower())
 
 
 def _canon(s: str) -> str:
@@ -751,6 +769,11 @@ def _score_impl(response: Any, reference: Any, answer_type: str | None) -> Rewar
     # Cheap exact match on the normalised text (no parser involved).
     if _canon(answer) == _canon(ref):
         return _result("correct", raw)
+    # Words against words ("Democrats"): compared as text. math-verify would read them as products of
+    # symbols: case-sensitive, and "act" equal to "cat".
+    answer_words, ref_words = _word_answer(answer), _word_answer(ref)
+    if answer_words is not None and ref_words is not None:
+        return _result("correct" if answer_words == ref_words else "wrong", raw)
     if _too_complex(answer):
         return _result("too_complex", raw)
 

@@ -117,6 +117,11 @@ def test_extract_last_boxed(text, content, status):
         ("6\\pi", "18.85"),
         ("2\\sqrt{3}", "3.464"),
         ("\\overline{AB}", "AB"),  # a segment by its name
+        ("Democrats", "democrats"),  # words are text: any case, spaces and hyphens aside
+        ("\\text{united states}", "United States"),
+        ("north-east", "north east"),
+        ("5 m/s", "5"),  # compound units
+        ("5 km/h", "5"),
     ],
 )
 def test_math_equivalent(answer, reference):
@@ -156,6 +161,10 @@ def test_math_equivalent(answer, reference):
         ("0.54", "0.5"),
         ("6.28", "2\\pi"),  # rounding an exact reference is not the answer
         ("\\overline{AB}", "AC"),
+        ("act", "cat"),  # as products of symbols these would be equal
+        ("listen", "silent"),
+        ("dog", "God"),
+        ("mitochondrion", "mitochondria"),
     ],
 )
 def test_math_not_equivalent(answer, reference):
