@@ -6,7 +6,8 @@ caller decides whether the share of bad records is acceptable (`DataReport.check
 
 Record formats:
 - cold start ("sft"): {"messages": [{"role": "user"|"assistant"|"system", "content": str | [parts]}],
-  "images": [path | url | base64], "id": ..., "source": ...}
+  "images": [path | url | base64], "id": ..., "source": ...}; or ShareGPT's
+  {"conversations": [{"from": "human"|"gpt"|"system", "value": str}], ...}
 - RL ("rl"): {"problem": str, "answer": str, "images": [...], "id", "source", "answer_type"}
 An image is a path (relative to the record's file), an http(s) URL, a data: URI, or, in Parquet, the
 {"bytes", "path"} struct of a Hugging Face `datasets` Image column; a record may name its images
@@ -204,11 +205,34 @@ def _text_of(content: Any, where_field: str) -> tuple[str, int]:
     raise BadRecord("bad_message", f"{where_field}: content must be a string or a list of parts")
 
 
+# ShareGPT's speaker names (LLaVA, many distilled reasoning sets) -> chat roles
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "system": "system"}
+
+
+def _from_sharegpt(conversations: Any) -> list:
+    if not isinstance(conversations, list) or not conversations:
+        raise BadRecord("bad_message", "'conversations' must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise BadRecord("bad_message", f"conversations[{i}] needs 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise BadRecord("bad_message", f"conversations[{i}].from {turn['from']!r} is not one of "
+                                           f"{sorted(SHAREGPT_ROLES)}")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
 def validate_sft(obj: dict) -> int:
-    """Checks a cold-start record; returns the number of image slots in its messages."""
+    """Checks a cold-start record; returns the number of image slots in its messages. A ShareGPT record
+    gets its 'messages' from its 'conversations'."""
     messages = obj.get("messages")
+    if messages is None and obj.get("conversations") is not None:
+        messages = obj["messages"] = _from_sharegpt(obj["conversations"])
     if messages is None:
-        raise BadRecord("missing_field", "no 'messages' field")
+        raise BadRecord("missing_field", "no 'messages' (or ShareGPT 'conversations') field")
     if not isinstance(messages, list) or not messages:
         raise BadRecord("bad_message", "'messages' must be a non-empty list")
     n_slots, n_assistant = 0, 0

@@ -171,3 +171,26 @@ def test_a_corrupt_parquet_row_group_costs_only_its_rows(tmp_path):
     path.write_bytes(bytes(data[: len(data) // 2]))   # no footer: the whole file is one bad entry
     records, report = read_records([str(path)], kind="rl", check_images=False)
     assert records == [] and report.kinds == {"unreadable_file": 1}
+
+
+def test_sharegpt_conversations_are_messages(tmp_path):
+    write_png(tmp_path / "ok.png")
+    path = write_jsonl(tmp_path / "sharegpt.jsonl", [
+        {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "<image>1+1?"},
+                           {"from": "gpt", "value": "\\boxed{2}"}], "images": ["ok.png"]},
+        {"conversations": [{"from": "robot", "value": "q"}, {"from": "gpt", "value": "a"}]},
+        {"conversations": [{"from": "human"}, {"from": "gpt", "value": "a"}]},
+        {"conversations": []},
+        {"id": 5},
+    ])
+    records, report = read_records([path])
+    assert [r.where.rsplit(":", 1)[1] for r in records] == ["1"]
+    assert records[0].data["messages"] == [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "<image>1+1?"},
+                                           {"role": "assistant", "content": "\\boxed{2}"}]
+    assert records[0].image_sizes == [(56, 56)]
+    assert report.kinds == {"bad_message": 3, "missing_field": 1}
+    text = report.format()
+    assert f"{path}:2: bad_message: conversations[0].from 'robot' is not one of" in text
+    assert f"{path}:3: bad_message: conversations[0] needs 'from' and 'value'" in text
+    assert f"{path}:5: missing_field: no 'messages' (or ShareGPT 'conversations') field" in text
