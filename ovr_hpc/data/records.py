@@ -8,7 +8,7 @@ Record formats:
 - cold start ("sft"): {"messages": [{"role": "user"|"assistant"|"system", "content": str | [parts]}],
   "images": [path | url | base64], "id": ..., "source": ...}; or ShareGPT's
   {"conversations": [{"from": "human"|"gpt"|"system", "value": str}], ...}
-- RL ("rl"): {"problem": str, "answer": str, "images": [...], "id", "source", "answer_type"}
+- RL ("rl"): {"problem" (or "question"): str, "answer": str, "images": [...], "id", "source", "answer_type"}
 An image is a path (relative to the record's file), an http(s) URL, a data: URI, or, in Parquet, the
 {"bytes", "path"} struct of a Hugging Face `datasets` Image column; a record may name its images
 "image" (one or a list) instead of "images".
@@ -257,6 +257,10 @@ def validate_sft(obj: dict) -> int:
 
 
 def validate_rl(obj: dict) -> int:
+    """Checks an RL record; returns the number of image slots in its problem. A 'question' field (as many
+    datasets name it) stands for a missing 'problem'."""
+    if obj.get("problem") is None and obj.get("question") is not None:
+        obj["problem"] = obj["question"]
     for name in ("problem", "answer"):
         if name not in obj or obj[name] is None:
             raise BadRecord("missing_field", f"no {name!r} field")

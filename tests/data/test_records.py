@@ -83,9 +83,10 @@ def test_data_check_cli(messy_file):
 
 def test_rl_records(tmp_path):
     path = write_jsonl(tmp_path / "rl.jsonl", [
-        {"problem": "2+2?", "answer": 4}, {"problem": "x", "answer": ""}, {"answer": "1"}, {"problem": "ok", "answer": "B"}])
+        {"problem": "2+2?", "answer": 4}, {"problem": "x", "answer": ""}, {"answer": "1"}, {"problem": "ok", "answer": "B"},
+        {"question": "3+3?", "answer": "6"}])
     records, report = read_records([path], kind="rl")
-    assert [r.data["answer"] for r in records] == ["4", "B"]
+    assert [r.data["answer"] for r in records] == ["4", "B", "6"] and records[2].data["problem"] == "3+3?"
     assert report.kinds == {"empty_answer": 1, "missing_field": 1}
 
 
