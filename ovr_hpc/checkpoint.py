@@ -203,19 +203,24 @@ def end_of_step(step: int, total_steps: int, every_steps: int, stop, save, log) 
         stop.consume()
         return "completed"
     if stop.agreed():
-        log(f"stop requested ({stop.describe()}): saving at step {step}")
-        save()
-        stop.consume()
-        return "preempted"
+        return preempted(stop, log, f": saving at step {step}", save)
     if step % every_steps == 0:
         save()
         # A signal during the save (a big model's save takes minutes; scancel gives ~30 s before SIGKILL):
         # this step's checkpoint is complete, so stop now instead of after one more step.
         if stop.agreed():
-            log(f"stop requested ({stop.describe()}) during the save at step {step}: stopping")
-            stop.consume()
-            return "preempted"
+            return preempted(stop, log, f" during the save at step {step}: stopping")
     return None
+
+
+def preempted(stop, log, moment: str, save=None) -> str:
+    """After the ranks agreed on a stop request: log it, save (when `save` is given), forget the signal;
+    returns the run's status, "preempted" (the launchers requeue on it)."""
+    log(f"stop requested ({stop.describe()}){moment}")
+    if save is not None:
+        save()
+    stop.consume()
+    return "preempted"
 
 
 def load_checkpoint(engines: dict, path: str) -> dict:

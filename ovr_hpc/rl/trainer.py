@@ -20,7 +20,8 @@ from collections import defaultdict
 import torch
 
 from ovr_hpc import dist
-from ovr_hpc.checkpoint import check_resume_layout, end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint
+from ovr_hpc.checkpoint import (COMPLETE, check_resume_layout, checkpoints_dir, end_of_step, latest_checkpoint,
+                                load_checkpoint, preempted, save_checkpoint)
 from ovr_hpc.config import RLConfig, dump_config, to_dict
 from ovr_hpc.data.dataset import IGNORE_INDEX, Collator, rows_at
 from ovr_hpc.data.templates import TokenizedSample
@@ -31,7 +32,7 @@ from ovr_hpc.rl import advantages as adv_fns
 from ovr_hpc.rl import losses
 from ovr_hpc.rl.prompts import load_rl_prompts, stop_strings, to_rollout_prompt
 from ovr_hpc.rl.reward import RewardPool
-from ovr_hpc.rollout.base import SamplingParams
+from ovr_hpc.rollout.base import RolloutInterrupted, SamplingParams
 from ovr_hpc.sft.trainer import seed_everything
 
 
@@ -170,7 +171,17 @@ def train(cfg: RLConfig) -> dict:
         params = SamplingParams(n=ro.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
                                 max_new_tokens=ro.response_len_at(step), stop=stops,
                                 seed=cfg.seed * 1_000_003 + step * 1009 + policy.dp_rank)
-        completions = rollout.generate([to_rollout_prompt(p, cfg.data) for p in mine], params)
+        try:
+            completions = rollout.generate([to_rollout_prompt(p, cfg.data) for p in mine], params,
+                                           should_stop=stop.agreed)
+        except RolloutInterrupted:
+            # a stop signal while generating: this step never happened (its rollouts are drawn again from
+            # the same seeds after the resume); the checkpoint is the state the step started from, unless
+            # the step boundary saved it already
+            saved = os.path.exists(os.path.join(checkpoints_dir(out_dir), f"step_{step}", COMPLETE))
+            status = preempted(stop, log, f" during the rollouts of step {step + 1}: "
+                               + (f"step {step} is saved" if saved else f"saving step {step}"), None if saved else save)
+            break
         if hasattr(rollout, "sleep"):
             rollout.sleep()  # vLLM sleep mode: its weights and KV cache make room for the updates
         times["generate"] = time.perf_counter() - t

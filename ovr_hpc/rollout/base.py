@@ -6,7 +6,7 @@ plugs in behind the same surface.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, Optional, Protocol
 
 import torch
 
@@ -45,9 +45,19 @@ class Completion:
     logprobs: list[float]  # log p(token) under the sampling distribution at `temperature`
 
 
+class RolloutInterrupted(Exception):
+    """`generate` dropped its unfinished work because its `should_stop` said so."""
+
+
 class RolloutEngine(Protocol):
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
-        """n completions per prompt, in prompt order."""
+    def generate(self, prompts: list[Prompt], params: SamplingParams,
+                 should_stop: Optional[Callable[[], bool]] = None) -> list[list[Completion]]:
+        """n completions per prompt, in prompt order.
+
+        `should_stop`, when given, is called every so often while generating, at the same points on every
+        rank (so it may be a collective: the trainer passes its agreement on a stop signal); when it returns
+        True the engine drops what is unfinished and raises RolloutInterrupted. A preempted RL step then
+        stops in seconds instead of after its rollouts (minutes at 48k tokens)."""
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Serve these (Hugging Face-named, full) weights from now on."""

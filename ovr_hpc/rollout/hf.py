@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
 from ovr_hpc.data.records import IMAGE_PLACEHOLDER
 from ovr_hpc.data.templates import to_chat_messages
 from ovr_hpc.data.vision import load_image
-from ovr_hpc.rollout.base import Completion, Prompt, SamplingParams
+from ovr_hpc.rollout.base import Completion, Prompt, RolloutInterrupted, SamplingParams
 
 
 VISION_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
@@ -39,10 +39,14 @@ class HFRolloutEngine:
         self.suppress_ids = [tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>")]
 
     @torch.no_grad()
-    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: list[Prompt], params: SamplingParams,
+                 should_stop: Callable[[], bool] | None = None) -> list[list[Completion]]:
+        """`should_stop` is asked between batches of `batch_size` prompts (ranks pass equally many prompts)."""
         results: list[list[Completion]] = [[] for _ in prompts]
         generator_seed = params.seed
         for start in range(0, len(prompts), self.batch_size):
+            if start and should_stop is not None and should_stop():
+                raise RolloutInterrupted(f"stopped after {start} of {len(prompts)} prompts")
             chunk = list(range(start, min(start + self.batch_size, len(prompts))))
             torch.manual_seed(generator_seed + start)
             for i, completion in self._generate_chunk([prompts[i] for i in chunk], chunk, params):

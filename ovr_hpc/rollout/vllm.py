@@ -44,7 +44,7 @@ import importlib.metadata
 import importlib.util
 import os
 import time
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 if TYPE_CHECKING:
     import torch
@@ -56,6 +56,9 @@ CPU_DEFAULT_KV_CACHE_BYTES = 256 << 20
 
 # Placeholders the model must never emit (the processor expands them into image/video features).
 BANNED_TOKENS = ("<|image_pad|>", "<|video_pad|>")
+
+# Engine iterations between two calls of generate's `should_stop` (a collective: ~1 s of decoding apart).
+STOP_CHECK_ITERATIONS = 32
 
 class VLLMUnavailableError(RuntimeError):
     """rollout.engine: vllm cannot run here (not installed, or no GPU outside the CPU test mode)."""
@@ -467,9 +470,12 @@ class VLLMRolloutEngine:
                              f"{[other for _, _, other in shares]}")
         return shares
 
-    def generate(self, prompts: list["Prompt"], params: "SamplingParams") -> list[list["Completion"]]:
+    def generate(self, prompts: list["Prompt"], params: "SamplingParams",
+                 should_stop: Callable[[], bool] | None = None) -> list[list["Completion"]]:
         """n completions for each of this rank's prompts, in prompt order. Every rank of the world calls
-        it at the same step (the ranks of a rollout group generate together)."""
+        it at the same step (the ranks of a rollout group generate together). `should_stop` is asked every
+        STOP_CHECK_ITERATIONS engine iterations, which every rank counts alike (vLLM's data-parallel ranks
+        iterate in lockstep)."""
         from ovr_hpc.rollout.base import Completion
 
         if not self.weights_loaded:
@@ -486,7 +492,7 @@ class VLLMRolloutEngine:
                 owners.append((owner, i))
         # called even with nothing to do: vLLM's data-parallel ranks step in lockstep (an all-reduce per
         # engine step, dummy batches on ranks that are done)
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+        outputs = self._run(requests, sampling, should_stop)
         results: list[list[Completion]] = []
         for (owner, i), out in zip(owners, outputs):
             if owner != self.rank:
@@ -500,6 +506,30 @@ class VLLMRolloutEngine:
                 group.append(Completion(i, list(out.prompt_token_ids), ids, c.text, c.finish_reason, logprobs))
             results.append(group)
         return results
+
+    def _run(self, requests: list, sampling: list, should_stop: Callable[[], bool] | None) -> list:
+        """vLLM's outputs for the requests, in order: LLM.generate's loop over engine iterations, with a
+        stop check. Without one (or on a vLLM older than LLM.enqueue) it is LLM.generate itself."""
+        from ovr_hpc.rollout.base import RolloutInterrupted
+
+        if should_stop is None or not hasattr(self.llm, "enqueue"):
+            return self.llm.generate(requests, sampling, use_tqdm=False)
+        engine = self.llm.llm_engine
+        request_ids = self.llm.enqueue(requests, sampling, use_tqdm=False) if requests else []
+        finished, iterations = [], 0
+        while engine.has_unfinished_requests():   # collective across data-parallel ranks
+            finished += [output for output in engine.step() if output.finished]
+            iterations += 1
+            if iterations % STOP_CHECK_ITERATIONS == 0 and should_stop():
+                try:
+                    engine.abort_request(request_ids, internal=True)   # enqueue returns vLLM's internal ids
+                except TypeError:   # a vLLM whose abort_request takes only the ids enqueue returned
+                    engine.abort_request(request_ids)
+                raise RolloutInterrupted(f"stopped after {iterations} engine iterations, {len(finished)} of "
+                                         f"{len(request_ids)} prompts done")
+        if len(finished) != len(request_ids):
+            raise RuntimeError(f"vLLM finished {len(finished)} of {len(request_ids)} requests")
+        return sorted(finished, key=lambda output: int(output.request_id))   # submission order, as LLM.generate
 
     def close(self) -> None:
         """Drop the engine (its memory returns to the process)."""

@@ -151,3 +151,47 @@ def test_rl_grpo_single_process(tiny_model_dir, color_file, tmp_path):
     m = read_metrics(out)
     assert len(m) == 2 and "critic/vf_loss" not in m[0] and m[0]["rollout_logprob_gap_max"] < 1e-4
     assert not os.path.isdir(os.path.join(out, "checkpoints", "latest", "critic"))
+
+
+@pytest.mark.slow
+def test_rl_stop_during_rollouts_saves_the_step_start_and_resumes_exactly(tiny_model_dir, color_file, tmp_path,
+                                                                          monkeypatch):
+    """A signal while generating (the long part of an RL step) stops the run at once: the step never
+    happened, the checkpoint is the state it started from, and the resumed run equals an uninterrupted one."""
+    import signal
+
+    from ovr_hpc.config import load_config
+    from ovr_hpc.local import free_port
+    from ovr_hpc.metrics import read_metrics
+    from ovr_hpc.rl.trainer import train
+    from ovr_hpc.rollout.hf import HFRolloutEngine
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(k, raising=False)
+    if not torch.distributed.is_initialized():
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    full, half = str(tmp_path / "full"), str(tmp_path / "half")
+
+    def cfg(out):   # one rank, 4 prompts per step generated one at a time: stop checks between them
+        return load_config("rl", RL_CONFIG, _rl_overrides(tiny_model_dir, color_file, out, "schedule.max_steps=4",
+                                                          "parallel.zero_stage=2", "rollout.batch_size=1"))
+
+    assert train(cfg(full))["status"] == "completed"
+    chunks, real_chunk = [], HFRolloutEngine._generate_chunk
+
+    def signal_in_step_3(self, *args):
+        chunks.append(args)
+        if len(chunks) == 4 * 2 + 2:   # the 2nd prompt of step 3
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real_chunk(self, *args)
+
+    monkeypatch.setattr(HFRolloutEngine, "_generate_chunk", signal_in_step_3)
+    assert train(cfg(half)) == {"status": "preempted", "step": 2, "total_steps": 4}
+    assert len(chunks) == 10   # the 3rd and 4th prompts of step 3 were never generated
+    assert json.load(open(os.path.join(half, "checkpoints", "latest", "train_state.json")))["step"] == 2
+    assert len(read_metrics(half)) == 2
+
+    monkeypatch.setattr(HFRolloutEngine, "_generate_chunk", real_chunk)
+    assert train(cfg(half))["status"] == "completed"
+    keys = ["reward", "response_length", "policy/pg_loss", "critic/vf_loss", "max_response_len"]
+    assert [[m[k] for k in keys] for m in read_metrics(half)] == [[m[k] for k in keys] for m in read_metrics(full)]

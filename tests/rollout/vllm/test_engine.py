@@ -127,6 +127,28 @@ def test_more_prompt_tokens_than_one_engine_step(engine, hf_model, images):
     assert [[c.token_ids for c in g] for g in first] == [[c.token_ids for c in g] for g in out[:3]]
 
 
+def test_should_stop_drops_the_unfinished_requests(engine, hf_model, images, monkeypatch):
+    """A stop request while generating: asked every STOP_CHECK_ITERATIONS engine iterations; when it says
+    stop, the requests are aborted (the engine is idle and serves the next call as if nothing happened)."""
+    import ovr_hpc.rollout.vllm as vllm_engine
+    from ovr_hpc.rollout.base import RolloutInterrupted
+
+    engine.load_weights(state_of(hf_model))
+    monkeypatch.setattr(vllm_engine, "STOP_CHECK_ITERATIONS", 2)
+    ps = prompts(images)
+    params = SamplingParams(n=2, temperature=1.0, max_new_tokens=16, seed=5)
+    never_asked = engine.generate(ps, params)
+    asked = []
+    assert engine.generate(ps, params, should_stop=lambda: asked.append(1) and False) == never_asked
+    assert len(asked) >= 2
+    calls = []
+    with pytest.raises(RolloutInterrupted, match="stopped after 4 engine iterations"):
+        engine.generate(ps, params, should_stop=lambda: calls.append(1) or len(calls) == 2)
+    assert not engine.llm.llm_engine.has_unfinished_requests()
+    again = engine.generate(ps, params)
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in never_asked]
+
+
 def test_greedy_matches_transformers(engine, hf_model, processor, images):
     engine.load_weights(state_of(hf_model))
     ps = prompts(images)
