@@ -55,6 +55,8 @@ PAPER_RESULTS: dict[str, dict[str, tuple[Optional[float], Optional[float]]]] = {
     "aime24": {"accuracy": (63.5, 6.7)},
     "aime25": {"accuracy": (52.1, 6.7)},
     "gpqa_diamond": {"accuracy": (49.8, 31.8)},
+    "mmlu": {"accuracy": (77.2, 69.6)},
+    "mmlu_pro": {"accuracy": (67.9, 51.7)},
 }
 
 
@@ -783,10 +785,48 @@ class Records(Benchmark):
         return samples, report, {"skipped_rows": 0}
 
 
+class TextChoice(Benchmark):
+    """Text multiple choice: a question, a list of options, the answer as an index, a letter or the option."""
+
+    scoring = "boxed letter or option text"
+    category_fields: tuple[str, ...] = ()
+
+    def convert(self, row, key, ctx):
+        question = str(required(row, "question")).strip()
+        choices = as_list(required(row, "choices", "options"))
+        answer = required(row, "answer_index", "answer")
+        if isinstance(answer, int) and not isinstance(answer, bool):   # an index into the options
+            if not 0 <= answer < len(choices):
+                raise BadRecord("bad_answer", f"answer index {answer} outside {len(choices)} options")
+            letter = LETTERS[answer]
+        else:
+            letter = letter_of(answer_text(answer), choices)
+        if letter is None:
+            raise BadRecord("bad_answer", "answer is none of the choices")
+        category = field_of(row, *self.category_fields) if self.category_fields else None
+        sid = self.sample_id(row, key, "question_id", "id")
+        return [EvalSample(sid, question, letter, MC, [], choices, meta={"category": category})]
+
+
+class MMLU(TextChoice):
+    name, title = "mmlu", "MMLU"
+    layout = "cais/mmlu: all/test-*.parquet (question, subject, choices, answer = option index)"
+    default_path = "mmlu/all/test-*.parquet"
+    category_fields = ("subject",)
+
+
+class MMLUPro(TextChoice):
+    name, title = "mmlu_pro", "MMLU-Pro"
+    layout = "TIGER-Lab/MMLU-Pro: data/test-*.parquet (question_id, question, options (up to 10), answer, category)"
+    default_path = "MMLU-Pro/data/test-*.parquet"
+    category_fields = ("category",)
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (MathVista(), MathVision(), MathVerse(), DynaMath(), WeMath(), LogicVista(), MMMUPro(),
-              CharXivReasoning(), CharXivDescriptive(), Math500(), AIME24(), AIME25(), GPQADiamond(), Records())
+              CharXivReasoning(), CharXivDescriptive(), Math500(), AIME24(), AIME25(), GPQADiamond(), MMLU(),
+              MMLUPro(), Records())
 }
 
 

@@ -201,3 +201,24 @@ def gpqa_csv(root):
         w.writerow({"Question": "Which gas is noble?", "Correct Answer": "argon", "Incorrect Answer 1": "oxygen",
                     "Incorrect Answer 2": "", "Incorrect Answer 3": "nitrogen", "Record ID": "rec2"})
     return path
+
+
+def mmlu_parquet(root):
+    return write_parquet(os.path.join(root, "mmlu", "all", "test-00000-of-00001.parquet"), [
+        {"question": "Which organ pumps blood?", "subject": "anatomy", "choices": ["lung", "heart", "liver", "skin"],
+         "answer": 1},
+        {"question": "2 + 2 = ?", "subject": "elementary_mathematics", "choices": ["3", "4", "5", "6"], "answer": 7},
+        {"question": "Capital of France?", "subject": "geography", "choices": ["Rome", "Paris", "Oslo", "Bern"],
+         "answer": 0},
+    ])
+
+
+def mmlu_pro_parquet(root):
+    return write_parquet(os.path.join(root, "MMLU-Pro", "data", "test-00000-of-00001.parquet"), [
+        {"question_id": 70, "question": "Which is a prime number?", "options": ["4", "6", "7", "8", "9", "10"],
+         "answer": "C", "answer_index": 2, "cot_content": "", "category": "math", "src": "ori_mmlu-x"},
+        {"question_id": 71, "question": "Unit of force?", "options": ["joule", "newton", "watt"],
+         "answer": "B", "answer_index": 1, "cot_content": "", "category": "physics", "src": "stemez-x"},
+        {"question_id": 72, "question": "No answer here", "options": ["a", "b"], "answer": None,
+         "answer_index": None, "cot_content": "", "category": "other", "src": "x"},
+    ])

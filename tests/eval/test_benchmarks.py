@@ -138,6 +138,23 @@ def test_text_benchmarks(tmp_path):
     assert correct(q, boxed(q.answer)) and correct(q, boxed("electron")) and not correct(q, boxed("proton"))
 
 
+def test_mmlu_and_mmlu_pro(tmp_path):
+    L.mmlu_parquet(tmp_path)
+    L.mmlu_pro_parquet(tmp_path)
+    s, report, _ = load("mmlu", tmp_path)
+    heart = s["test-00000-of-00001:1"]
+    assert heart.answer == "B" and heart.answer_type == MC and heart.meta == {"category": "anatomy"}
+    assert "B. heart" in heart.prompt_text("I", "CHOOSE")
+    assert correct(heart, boxed("B")) and correct(heart, boxed("heart")) and not correct(heart, boxed("lung"))
+    assert s["test-00000-of-00001:3"].answer == "A"
+    assert report.kinds == {"bad_answer": 1} and "row 2: bad_answer: answer index 7 outside 4 options" in \
+        report.examples[0]
+    s, report, _ = load("mmlu_pro", tmp_path)
+    assert sorted(s) == ["70", "71"] and s["70"].answer == "C" and len(s["70"].choices) == 6
+    assert correct(s["71"], boxed("newton")) and correct(s["71"], boxed("(B)")) and not correct(s["71"], boxed("A"))
+    assert report.kinds == {"missing_field": 1}
+
+
 def test_limit_and_missing_files(tmp_path):
     L.math500_jsonl(tmp_path)
     s, _, _ = load("math500", tmp_path, limit=1)
