@@ -175,6 +175,11 @@ def train(cfg: RLConfig) -> dict:
             completions = rollout.generate([to_rollout_prompt(p, cfg.data) for p in mine], params,
                                            should_stop=stop.agreed)
         except RolloutInterrupted:
+            completions = None
+        if hasattr(rollout, "sleep"):
+            rollout.sleep()  # vLLM sleep mode: its weights and KV cache make room for the updates (or a save)
+        times["generate"] = time.perf_counter() - t
+        if completions is None:
             # a stop signal while generating: this step never happened (its rollouts are drawn again from
             # the same seeds after the resume); the checkpoint is the state the step started from, unless
             # the step boundary saved it already
@@ -182,9 +187,6 @@ def train(cfg: RLConfig) -> dict:
             status = preempted(stop, log, f" during the rollouts of step {step + 1}: "
                                + (f"step {step} is saved" if saved else f"saving step {step}"), None if saved else save)
             break
-        if hasattr(rollout, "sleep"):
-            rollout.sleep()  # vLLM sleep mode: its weights and KV cache make room for the updates
-        times["generate"] = time.perf_counter() - t
 
         # ---- 2. rewards, in worker processes
         t = time.perf_counter()

@@ -26,6 +26,29 @@ def main(model_dir: str, other_dir: str, out_dir: str, tp: int, red: str, wide: 
     sampled = engine.generate(prompts, SamplingParams(**rank_params(info.rank)))
     result["sampled"] = [[(c.prompt_ids, c.token_ids, c.logprobs, c.finish_reason) for c in g] for g in sampled]
 
+    # a stop check is a collective: every rank must ask at the same engine iterations
+    import ovr_hpc.rollout.vllm as vllm_engine
+    from ovr_hpc.rollout.base import RolloutInterrupted
+
+    vllm_engine.STOP_CHECK_ITERATIONS = 2
+    asked = []
+
+    def should_stop(stop_at):
+        asked.append(1)
+        return dist.all_reduce_max(float(info.rank == 0 and len(asked) == stop_at)) > 0
+
+    again = engine.generate(prompts, SamplingParams(**rank_params(info.rank)), should_stop=lambda: should_stop(0))
+    result["asked"], result["same_when_not_stopped"] = len(asked), again == sampled
+    asked.clear()
+    try:
+        engine.generate(prompts, SamplingParams(**rank_params(info.rank)), should_stop=lambda: should_stop(2))
+        result["interrupted_after"] = None
+    except RolloutInterrupted:
+        result["interrupted_after"] = len(asked)
+    after_stop = engine.generate(prompts, SamplingParams(**rank_params(info.rank)))
+    result["same_after_stop"] = after_stop == sampled
+    vllm_engine.STOP_CHECK_ITERATIONS = 32
+
     # a rank with nothing to generate still takes part
     if info.rank == 1:
         assert engine.generate([], SamplingParams(**rank_params(info.rank))) == []

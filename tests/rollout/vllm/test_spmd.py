@@ -94,6 +94,16 @@ def test_same_samples_in_every_layout(layouts, engine, hf_model, processor, imag
                     assert torch.allclose(torch.tensor(logprobs), ref, atol=1e-5), f"tp={tp} rank={rank}"
 
 
+def test_stop_checks_are_collective(layouts):
+    """Every rank asks `should_stop` at the same engine iterations (the ranks' prompts differ; vLLM's
+    data-parallel ranks iterate in lockstep), one rank's stop stops all, and the engine then works on."""
+    for tp in (2, 1):
+        ranks = layouts[tp]
+        assert ranks[0]["asked"] == ranks[1]["asked"] >= 2, f"tp={tp}"
+        assert [r["interrupted_after"] for r in ranks] == [2, 2], f"tp={tp}"
+        assert all(r["same_when_not_stopped"] and r["same_after_stop"] for r in ranks), f"tp={tp}"
+
+
 def test_weight_push_on_every_rank(layouts, other_model_dir, processor, images):
     from ovr_hpc.models.loading import load_vlm
 
