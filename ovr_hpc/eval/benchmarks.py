@@ -28,6 +28,7 @@ import math
 import os
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
@@ -38,7 +39,7 @@ MC = "multiple_choice"
 NUMBER = "number"
 MATH = "math"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-DATA_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+DATA_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 
 # The paper's Tables 2/3 (../shared/notes/ovr-paper.md), in percent: (OVR-7B, Qwen2.5-VL-7B); None = not given.
 PAPER_RESULTS: dict[str, dict[str, tuple[Optional[float], Optional[float]]]] = {
@@ -57,6 +58,9 @@ PAPER_RESULTS: dict[str, dict[str, tuple[Optional[float], Optional[float]]]] = {
     "gpqa_diamond": {"accuracy": (49.8, 31.8)},
     "mmlu": {"accuracy": (77.2, 69.6)},
     "mmlu_pro": {"accuracy": (67.9, 51.7)},
+    # the perception table: base -> cold start -> RL; MME's number is most likely its perception score
+    "mmbench_en": {"circular": (86.6, 85.3)},
+    "mme": {"perception": (1559.1, 1659.7)},
 }
 
 
@@ -106,7 +110,7 @@ class EvalSample:
 
 
 def iter_rows(path: str) -> Iterator[tuple[str, Any, Optional[str]]]:
-    """(where, row or BadRecord, key) for each row of a JSON / JSONL / Parquet / CSV file.
+    """(where, row or BadRecord, key) for each row of a JSON / JSONL / Parquet / CSV / TSV file.
 
     JSON files hold a list of rows or a dict {id: row} (key = the id)."""
     from ovr_hpc.data.records import iter_raw
@@ -115,9 +119,10 @@ def iter_rows(path: str) -> Iterator[tuple[str, Any, Optional[str]]]:
         for where, obj in iter_raw(path):
             yield where, obj, None
         return
-    if path.endswith(".csv"):
+    if path.endswith((".csv", ".tsv")):
+        csv.field_size_limit(1 << 30)   # TSV benchmarks (MMBench) hold base64 images of several MB in a field
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
+            reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
             for row in reader:
                 yield f"{path}:{reader.line_num}", row, None
         return
@@ -282,23 +287,63 @@ def sampling_metrics(scores: dict[str, list[float]], n: int, pass_k: list[int] =
     return out
 
 
-def dynamath_worst_case(samples: list[EvalSample], scores: dict[str, list[float]]) -> dict:
-    """A seed question counts only when all its variants are right (per sample index, then averaged)."""
+def all_of_group(samples: list[EvalSample], scores: dict[str, list[float]]) -> tuple[float, int]:
+    """(share of groups whose questions are all right, number of groups), per sample index then averaged:
+    DynaMath's worst case over variants, MMBench's circular evaluation over option orders."""
     groups: dict[str, list[str]] = {}
     for s in samples:
         if s.id in scores:
             groups.setdefault(s.group or s.id, []).append(s.id)
     if not groups:
+        return 0.0, 0
+    n = min(len(v) for v in scores.values())
+    right = sum(sum(all(scores[i][j] >= 1.0 for i in ids) for j in range(n)) / n for ids in groups.values())
+    return right / len(groups), len(groups)
+
+
+# MME's subtasks: ten perception and four cognition ones (`category` in lmms-lab/MME)
+MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
+                  "artwork", "OCR")
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def mme_scores(samples: list[EvalSample], scores: dict[str, list[float]]) -> dict:
+    """MME's score: per subtask, acc (questions right) + acc+ (images with both questions right); summed
+    over the perception (max 20, shown x100 as MME's 2000 points) and cognition subtasks (max 8)."""
+    n = min((len(v) for v in scores.values()), default=0)
+    by_task: dict[str, list[EvalSample]] = {}
+    for s in samples:
+        if s.id in scores:
+            by_task.setdefault(str(s.meta.get("category")), []).append(s)
+    out: dict[str, Any] = {}
+    for task, task_samples in sorted(by_task.items()):
+        images: dict[str, list[str]] = {}
+        for s in task_samples:
+            images.setdefault(s.group or s.id, []).append(s.id)
+        acc = sum(scores[s.id][j] >= 1.0 for s in task_samples for j in range(n)) / (n * len(task_samples))
+        acc_plus = sum(all(scores[i][j] >= 1.0 for i in ids) for ids in images.values() for j in range(n)) / (
+            n * len(images))
+        out[f"{task}_score"] = acc + acc_plus
+    for part, tasks in (("perception", MME_PERCEPTION), ("cognition", MME_COGNITION)):
+        present = [t for t in tasks if f"{t}_score" in out]
+        out[part] = sum(out[f"{t}_score"] for t in present) if present else None
+        missing = [t for t in tasks if t not in present]
+        if present and missing:
+            out[f"{part}_missing_subtasks"] = missing
+    return out
+
+
+def dynamath_worst_case(samples: list[EvalSample], scores: dict[str, list[float]]) -> dict:
+    """A seed question counts only when all its variants are right (per sample index, then averaged)."""
+    worst, num_groups = all_of_group(samples, scores)
+    if not num_groups:
         return {"worst_case": None, "average_case": None, "num_seed_questions": 0}
     n = min(len(v) for v in scores.values())
-    worst = 0.0
-    for ids in groups.values():
-        worst += sum(all(scores[i][j] >= 1.0 for i in ids) for j in range(n)) / n
-    sizes = [len(v) for v in groups.values()]
+    sizes = list(Counter(s.group or s.id for s in samples if s.id in scores).values())
     return {
-        "worst_case": worst / len(groups),
+        "worst_case": worst,
         "average_case": sum(sum(v[:n]) / n for v in scores.values()) / len(scores),
-        "num_seed_questions": len(groups),
+        "num_seed_questions": num_groups,
         "variants_per_question": [min(sizes), max(sizes)],
     }
 
@@ -822,11 +867,76 @@ class MMLUPro(TextChoice):
     category_fields = ("category",)
 
 
+def _missing(value: Any) -> bool:
+    """An empty cell: None, "", or the "nan" pandas writes into TSV/CSV files."""
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (
+        isinstance(value, str) and value.strip().lower() in ("", "nan", "none"))
+
+
+class MMBench(Benchmark):
+    name, title = "mmbench_en", "MMBench (en)"
+    layout = ("lmms-lab/MMBench: en/dev-*.parquet, or OpenCompass' MMBench_DEV_EN.tsv (index, question, hint, A-D, "
+              "answer, category, image as base64); copies of a question with rotated options share index mod 10^6")
+    scoring = "boxed letter or option text; circular: a question counts only when all its option orders are right"
+    default_path = "MMBench/en/dev-*.parquet"
+    headline = ("circular", "accuracy")
+
+    def convert(self, row, key, ctx):
+        try:
+            index = int(float(required(row, "index")))
+        except (TypeError, ValueError):
+            raise BadRecord("bad_id", f"index {row.get('index')!r} is not a number") from None
+        question = str(required(row, "question")).strip()
+        if not _missing(row.get("hint")):
+            question = f"Hint: {str(row['hint']).strip()}\n{question}"
+        choices = []
+        for letter in LETTERS:
+            if _missing(row.get(letter)):
+                break
+            choices.append(str(row[letter]).strip())
+        if len(choices) < 2:
+            raise BadRecord("bad_choices", f"{len(choices)} options (columns A, B, ...)")
+        letter = letter_of(answer_text(required(row, "answer")), choices)
+        if letter is None:
+            raise BadRecord("bad_answer", "answer is none of the options")
+        image = required(row, "image")
+        if isinstance(image, str) and not re.search(r"^(data:|https?:)|\.(png|jpe?g|gif|bmp|webp)$", image.strip(), re.I):
+            image = "data:image;base64," + image.strip()   # the TSV's base64 cell
+        return [EvalSample(str(index), question, letter, MC, [ctx.images(image)], choices,
+                           group=str(index % 1_000_000), meta={"category": field_of(row, "category")})]
+
+    def aggregate(self, samples, scores, n, pass_k=()):
+        circular, questions = all_of_group(samples, scores)
+        return {**sampling_metrics(scores, n, pass_k), "circular": circular if questions else None,
+                "num_circular_questions": questions}
+
+
+class MME(Benchmark):
+    name, title = "mme", "MME"
+    layout = "lmms-lab/MME: data/test-*.parquet (question_id = the image, image, question, answer Yes / No, category)"
+    scoring = "boxed yes / no; per subtask acc + acc+ (both questions of an image right), summed over subtasks"
+    default_path = "MME/data/test-*.parquet"
+    headline = ("perception", "cognition")
+
+    def convert(self, row, key, ctx):
+        image_id = str(required(row, "question_id"))
+        category = str(required(row, "category"))
+        answer = answer_text(required(row, "answer")).rstrip(".").capitalize()
+        if answer not in ("Yes", "No"):
+            raise BadRecord("bad_answer", f"answer {answer!r} is not yes or no")
+        return [EvalSample(key, str(required(row, "question")).strip(), answer, MATH,
+                           self.image_list(row, ctx, "image", "image_path"), group=f"{category}/{image_id}",
+                           meta={"category": category})]
+
+    def aggregate(self, samples, scores, n, pass_k=()):
+        return {**sampling_metrics(scores, n, pass_k), **mme_scores(samples, scores)}
+
+
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (MathVista(), MathVision(), MathVerse(), DynaMath(), WeMath(), LogicVista(), MMMUPro(),
               CharXivReasoning(), CharXivDescriptive(), Math500(), AIME24(), AIME25(), GPQADiamond(), MMLU(),
-              MMLUPro(), Records())
+              MMLUPro(), MMBench(), MME(), Records())
 }
 
 

@@ -484,6 +484,8 @@ def summary_rows(all_metrics: list[dict]) -> list[dict]:
             notes.append(f"{m['data']['bad']} bad rows")
         if name == "mmmu_pro":
             notes.append("paper: overall (mean of standard-10 and vision)")
+        if name == "mme":
+            notes.append("MME points, not percent: perception max 2000, cognition max 800")
         comparable = not m.get("limit") and not m.get("options")
         keys = list(m["headline"]) + sorted(k for k in metrics if k.startswith("pass@"))
         for key in keys:

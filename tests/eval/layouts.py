@@ -222,3 +222,43 @@ def mmlu_pro_parquet(root):
         {"question_id": 72, "question": "No answer here", "options": ["a", "b"], "answer": None,
          "answer_index": None, "cot_content": "", "category": "other", "src": "x"},
     ])
+
+
+def mmbench(root):
+    """Question 1 in three option orders (index + k * 10^6), question 2 once; parquet and OpenCompass' TSV."""
+    import base64
+
+    image = {"bytes": png(), "path": None}
+    options = [["cat", "dog", "bird", "fish"], ["fish", "cat", "dog", "bird"], ["bird", "fish", "cat", "dog"]]
+    rows = [{"index": k * 1_000_000 + 1, "question": "Which animal is shown?", "hint": None,
+             **dict(zip("ABCD", opts)), "answer": "ABCD"[opts.index("dog")], "category": "object", "image": image}
+            for k, opts in enumerate(options)]
+    rows.append({"index": 2, "question": "What color is it?", "hint": "Look closely.", "A": "red", "B": "blue",
+                 "C": None, "D": None, "answer": "A", "category": "color", "image": image})
+    rows.append({"index": 3, "question": "Broken", "hint": None, "A": "x", "B": "y", "C": None, "D": None,
+                 "answer": "E", "category": "color", "image": image})
+    write_parquet(os.path.join(root, "MMBench", "en", "dev-00000-of-00001.parquet"), rows)
+    tsv = os.path.join(root, "mmbench_tsv", "MMBench_DEV_EN.tsv")
+    os.makedirs(os.path.dirname(tsv), exist_ok=True)
+    with open(tsv, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["index", "question", "hint", "A", "B", "C", "D", "answer", "category",
+                                          "image"], delimiter="\t")
+        w.writeheader()
+        w.writerow({"index": 2, "question": "What color is it?", "hint": "nan", "A": "red", "B": "blue", "C": "nan",
+                    "D": "", "answer": "A", "category": "color", "image": base64.b64encode(png()).decode()})
+    return tsv
+
+
+def mme_parquet(root):
+    """existence: two images with two questions each; code_reasoning: one image; one row without a yes/no answer."""
+    image = {"bytes": png(), "path": None}
+    rows = [{"question_id": qid, "question": f"{q} Please answer yes or no.", "answer": a, "category": cat,
+             "image": image}
+            for qid, q, a, cat in [("000.jpg", "Is there a cat?", "Yes", "existence"),
+                                   ("000.jpg", "Is there a dog?", "No", "existence"),
+                                   ("001.jpg", "Is there a car?", "Yes", "existence"),
+                                   ("001.jpg", "Is there a bus?", "No", "existence"),
+                                   ("0020.png", "Does the code print 3?", "Yes", "code_reasoning"),
+                                   ("0020.png", "Does the code print 4?", "No", "code_reasoning"),
+                                   ("0021.png", "Maybe?", "Perhaps", "code_reasoning")]]
+    return write_parquet(os.path.join(root, "MME", "data", "test-00000-of-00001.parquet"), rows)

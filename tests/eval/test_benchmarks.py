@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from ovr_hpc.eval.benchmarks import (BENCHMARKS, MC, EvalSample, dynamath_worst_case, pass_at_k, sampling_metrics,
-                                     wemath_four_dimensional)
+from ovr_hpc.eval.benchmarks import (BENCHMARKS, MC, EvalSample, dynamath_worst_case, mme_scores, pass_at_k,
+                                     sampling_metrics, wemath_four_dimensional)
 from ovr_hpc.eval.config import BenchmarkSpec
 from ovr_hpc.rl.reward import score
 from tests.eval import layouts as L
@@ -236,3 +236,35 @@ def test_wemath_adapter_aggregate(tmp_path):
     m = BENCHMARKS["wemath"].aggregate(samples, scores, 1)
     assert m["num_problems"] == 2 and m["score_strict"] == pytest.approx(0.5) and m["score_loose"] == 1.0
     assert m["accuracy"] == pytest.approx(7 / 8)
+
+
+def test_mmbench_circular_evaluation(tmp_path):
+    tsv = L.mmbench(tmp_path)
+    s, report, _ = load("mmbench_en", tmp_path)
+    assert sorted(s) == ["1", "1000001", "2", "2000001"] and report.kinds == {"bad_answer": 1}
+    assert [s[i].answer for i in ("1", "1000001", "2000001")] == ["B", "C", "D"]
+    assert {s[i].group for i in ("1", "1000001", "2000001")} == {"1"} and s["2"].choices == ["red", "blue"]
+    assert s["2"].question.startswith("Hint: Look closely.\n") and all(image_ok(i) for x in s.values() for i in x.images)
+    assert correct(s["1000001"], boxed("C")) and correct(s["1000001"], boxed("dog")) and not correct(s["1"], boxed("A"))
+    scores = {"1": [1.0], "1000001": [1.0], "2000001": [0.0], "2": [1.0]}
+    m = BENCHMARKS["mmbench_en"].aggregate(list(s.values()), scores, 1)
+    assert m["circular"] == 0.5 and m["accuracy"] == 0.75 and m["num_circular_questions"] == 2
+    s, report, _ = load("mmbench_en", tmp_path, path=tsv)   # the TSV: base64 images, "nan" cells
+    assert list(s) == ["2"] and s["2"].choices == ["red", "blue"] and s["2"].question == "What color is it?"
+    assert s["2"].images[0].startswith("data:image;base64,") and report.num_bad == 0
+
+
+def test_mme_scores(tmp_path):
+    L.mme_parquet(tmp_path)
+    s, report, _ = load("mme", tmp_path)
+    assert len(s) == 6 and report.kinds == {"bad_answer": 1}
+    first = s["test-00000-of-00001:1"]
+    assert first.answer == "Yes" and first.group == "existence/000.jpg" and first.meta == {"category": "existence"}
+    assert correct(first, boxed("yes")) and correct(first, boxed("\\text{Yes}")) and not correct(first, boxed("No"))
+    right = {"test-00000-of-00001:1": 1.0, "test-00000-of-00001:2": 1.0, "test-00000-of-00001:3": 1.0,
+             "test-00000-of-00001:4": 0.0, "test-00000-of-00001:5": 0.0, "test-00000-of-00001:6": 1.0}
+    m = mme_scores(list(s.values()), {k: [v] for k, v in right.items()})
+    # existence: acc 3/4 + acc+ 1/2; code reasoning: acc 1/2 + acc+ 0
+    assert m["existence_score"] == 1.25 and m["code_reasoning_score"] == 0.5
+    assert m["perception"] == 1.25 and m["cognition"] == 0.5
+    assert "count" in m["perception_missing_subtasks"] and "text_translation" in m["cognition_missing_subtasks"]
