@@ -285,8 +285,13 @@ def check_resume_layout(config, world_size: int) -> None:
     checkpoint = latest_checkpoint(config.checkpoint.output_dir) if config.checkpoint.resume else None
     if checkpoint is None:
         return
-    with open(os.path.join(checkpoint, "config.yaml")) as f:
-        saved = (yaml.safe_load(f) or {}).get("parallel") or {}
+    path = os.path.join(checkpoint, "config.yaml")
+    try:
+        with open(path) as f:
+            saved = (yaml.safe_load(f) or {}).get("parallel") or {}
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        raise ConfigError(f"cannot resume from {checkpoint}: its config {path} is unreadable ({e}); "
+                          "checkpoint.resume=false starts over") from None
     problem = resume_layout_problem(saved, config.parallel, saved_num_ranks(checkpoint), world_size)
     if problem:
         raise ConfigError(

@@ -327,3 +327,6 @@ def test_check_cli_refuses_a_checkpoint_this_layout_cannot_load(tmp_path):
     assert f"cannot resume from {step}: it was saved with AutoTP on 2 ranks, this run has 4" in refused.stderr
     assert "ovr-hpc export" in refused.stderr
     assert check("4", "parallel.autotp_size=2", "checkpoint.resume=false").returncode == 0
+    (step / "config.yaml").write_text("parallel: [unclosed\n")
+    broken = check("2", "parallel.autotp_size=2")
+    assert broken.returncode == 2 and f"its config {step / 'config.yaml'} is unreadable" in broken.stderr
