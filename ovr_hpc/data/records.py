@@ -8,7 +8,8 @@ Record formats:
 - cold start ("sft"): {"messages": [{"role": "user"|"assistant"|"system", "content": str | [parts]}],
   "images": [path | url | base64], "id": ..., "source": ...}; or ShareGPT's
   {"conversations": [{"from": "human"|"gpt"|"system", "value": str}], ...}
-- RL ("rl"): {"problem" (or "question"): str, "answer": str, "images": [...], "id", "source", "answer_type"}
+- RL ("rl"): {"problem" (or "question"): str, "answer": str, "images": [...], "id", "source", "answer_type"};
+  with "choices" (or "options") the answer may be an option's index, letter or text
 An image is a path (relative to the record's file), an http(s) URL, a data: URI, or, in Parquet, the
 {"bytes", "path"} struct of a Hugging Face `datasets` Image column; a record may name its images
 "image" (one or a list) instead of "images".
@@ -21,12 +22,14 @@ import hashlib
 import json
 import math
 import os
+import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 IMAGE_PLACEHOLDER = "<image>"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"   # option letters of multiple-choice questions
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED = 20  # examples printed per report; every bad record is still counted
 
@@ -256,6 +259,47 @@ def validate_sft(obj: dict) -> int:
     return n_slots
 
 
+def letter_of(answer: str, choices: list[str]) -> str | None:
+    """The option letter an answer names: itself ("B", "(B)") or the text of one of the choices."""
+    a = answer.strip()
+    m = re.fullmatch(r"\(?([A-Z])\)?\.?", a)
+    if m and (not choices or LETTERS.index(m.group(1)) < len(choices)):
+        return m.group(1)
+    for i, c in enumerate(choices):
+        if c.strip() == a:
+            return LETTERS[i]
+    return None
+
+
+def choice_lines(choices: list[str]) -> str:
+    """Options as the prompt shows them: one "A. text" line each."""
+    return "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+
+
+def _with_choices(obj: dict) -> None:
+    """A multiple-choice record ('choices' or 'options', the answer as an index, a letter or the option's
+    text, as ScienceQA-style datasets ship): the options go into the problem, the answer becomes the letter."""
+    choices = obj.get("choices") if obj.get("choices") is not None else obj.get("options")
+    if choices is None:
+        return
+    if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or not all(
+            isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
+        raise BadRecord("bad_choices", f"'choices' must be a list of 2 to {len(LETTERS)} options")
+    choices = [str(c).strip() for c in choices]
+    answer = obj["answer"]
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(choices):
+            raise BadRecord("bad_answer", f"answer index {answer} outside {len(choices)} choices")
+        letter = LETTERS[answer]
+    else:
+        letter = letter_of(str(answer), choices)
+    if letter is None:
+        raise BadRecord("bad_answer", f"answer {str(answer)[:80]!r} is none of the choices")
+    obj["problem"] = f"{obj['problem'].rstrip()}\n{choice_lines(choices)}"
+    obj["answer"] = letter
+    obj["answer_type"] = obj.get("answer_type") or "multiple_choice"
+
+
 def validate_rl(obj: dict) -> int:
     """Checks an RL record; returns the number of image slots in its problem. A 'question' field (as many
     datasets name it) stands for a missing 'problem'."""
@@ -266,6 +310,7 @@ def validate_rl(obj: dict) -> int:
             raise BadRecord("missing_field", f"no {name!r} field")
     if not isinstance(obj["problem"], str) or not obj["problem"].strip():
         raise BadRecord("bad_message", "'problem' must be a non-empty string")
+    _with_choices(obj)
     answer = obj["answer"]
     if isinstance(answer, (int, float)) and not isinstance(answer, bool):
         if not math.isfinite(answer):   # JSON's NaN / Infinity extensions

@@ -33,12 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from ovr_hpc.config import ConfigError
-from ovr_hpc.data.records import BadRecord, DataReport, embedded_image
+from ovr_hpc.data.records import LETTERS, BadRecord, DataReport, choice_lines, embedded_image, letter_of
 
 MC = "multiple_choice"
 NUMBER = "number"
 MATH = "math"
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DATA_EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
 
 # The paper's Tables 2/3 (../shared/notes/ovr-paper.md), in percent: (OVR-7B, Qwen2.5-VL-7B); None = not given.
@@ -88,7 +87,7 @@ class EvalSample:
         one per line, as the RL stage joins problem and instruction."""
         parts = [self.question.strip()]
         if self.choices and self.show_choices:
-            parts.append("\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices)))
+            parts.append(choice_lines(self.choices))
         parts.append(choice_instruction if self.answer_type == MC else instruction)
         return "\n".join(p.strip() for p in parts if p and p.strip())
 
@@ -243,18 +242,6 @@ def as_list(value: Any) -> list:
     if not isinstance(value, (list, tuple)):
         raise BadRecord("bad_choices", f"options {str(value)[:80]!r} are not a list")
     return [str(v) for v in value]
-
-
-def letter_of(answer: str, choices: list[str]) -> Optional[str]:
-    """The option letter an answer names: itself ("B", "(B)") or the text of one of the choices."""
-    a = answer.strip()
-    m = re.fullmatch(r"\(?([A-Z])\)?\.?", a)
-    if m and (not choices or LETTERS.index(m.group(1)) < len(choices)):
-        return m.group(1)
-    for i, c in enumerate(choices):
-        if c.strip() == a:
-            return LETTERS[i]
-    return None
 
 
 def is_letter_answer(answer: str) -> bool:

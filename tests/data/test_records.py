@@ -195,3 +195,21 @@ def test_sharegpt_conversations_are_messages(tmp_path):
     assert f"{path}:2: bad_message: conversations[0].from 'robot' is not one of" in text
     assert f"{path}:3: bad_message: conversations[0] needs 'from' and 'value'" in text
     assert f"{path}:5: missing_field: no 'messages' (or ShareGPT 'conversations') field" in text
+
+
+def test_rl_multiple_choice_records(tmp_path):
+    """ScienceQA-style records: choices and the answer as an index, a letter or the option's text."""
+    path = write_jsonl(tmp_path / "mc.jsonl", [
+        {"question": "Which is a mammal?", "choices": ["shark", "whale", "trout"], "answer": 1},
+        {"problem": "Pick the gas.", "options": ["ice", "steam"], "answer": "steam", "answer_type": "choice"},
+        {"problem": "Largest?", "choices": ["1", "3", "2"], "answer": "(B)"},
+        {"problem": "Out of range", "choices": ["a", "b"], "answer": 2},
+        {"problem": "Not an option", "choices": ["a", "b"], "answer": "c"},
+        {"problem": "One option", "choices": ["a"], "answer": 0},
+    ])
+    records, report = read_records([path], kind="rl", check_images=False)
+    assert [(r.data["answer"], r.data["answer_type"]) for r in records] == [
+        ("B", "multiple_choice"), ("B", "choice"), ("B", "multiple_choice")]
+    assert records[0].data["problem"] == "Which is a mammal?\nA. shark\nB. whale\nC. trout"
+    assert report.kinds == {"bad_answer": 2, "bad_choices": 1}
+    assert f"{path}:4: bad_answer: answer index 2 outside 2 choices" in report.format()
