@@ -271,6 +271,18 @@ def letter_of(answer: str, choices: list[str]) -> str | None:
     return None
 
 
+def answer_letter(answer: Any, choices: list[str]) -> str:
+    """The letter of a multiple-choice answer given as an option's index, its letter or its text."""
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(choices):
+            raise BadRecord("bad_answer", f"answer index {answer} outside {len(choices)} options")
+        return LETTERS[answer]
+    letter = letter_of(str(answer), choices)
+    if letter is None:
+        raise BadRecord("bad_answer", f"answer {str(answer)[:80]!r} is none of the options")
+    return letter
+
+
 def choice_lines(choices: list[str]) -> str:
     """Options as the prompt shows them: one "A. text" line each."""
     return "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
@@ -286,17 +298,8 @@ def _with_choices(obj: dict) -> None:
             isinstance(c, (str, int, float)) and not isinstance(c, bool) for c in choices):
         raise BadRecord("bad_choices", f"'choices' must be a list of 2 to {len(LETTERS)} options")
     choices = [str(c).strip() for c in choices]
-    answer = obj["answer"]
-    if isinstance(answer, int) and not isinstance(answer, bool):
-        if not 0 <= answer < len(choices):
-            raise BadRecord("bad_answer", f"answer index {answer} outside {len(choices)} choices")
-        letter = LETTERS[answer]
-    else:
-        letter = letter_of(str(answer), choices)
-    if letter is None:
-        raise BadRecord("bad_answer", f"answer {str(answer)[:80]!r} is none of the choices")
+    obj["answer"] = answer_letter(obj["answer"], choices)
     obj["problem"] = f"{obj['problem'].rstrip()}\n{choice_lines(choices)}"
-    obj["answer"] = letter
     obj["answer_type"] = obj.get("answer_type") or "multiple_choice"
 
 

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from ovr_hpc.config import ConfigError
-from ovr_hpc.data.records import LETTERS, BadRecord, DataReport, choice_lines, embedded_image, letter_of
+from ovr_hpc.data.records import (LETTERS, BadRecord, DataReport, answer_letter, choice_lines, embedded_image,
+                                  letter_of)
 
 MC = "multiple_choice"
 NUMBER = "number"
@@ -827,14 +828,7 @@ class TextChoice(Benchmark):
         question = str(required(row, "question")).strip()
         choices = as_list(required(row, "choices", "options"))
         answer = required(row, "answer_index", "answer")
-        if isinstance(answer, int) and not isinstance(answer, bool):   # an index into the options
-            if not 0 <= answer < len(choices):
-                raise BadRecord("bad_answer", f"answer index {answer} outside {len(choices)} options")
-            letter = LETTERS[answer]
-        else:
-            letter = letter_of(answer_text(answer), choices)
-        if letter is None:
-            raise BadRecord("bad_answer", "answer is none of the choices")
+        letter = answer_letter(answer if isinstance(answer, int) else answer_text(answer), choices)
         category = field_of(row, *self.category_fields) if self.category_fields else None
         sid = self.sample_id(row, key, "question_id", "id")
         return [EvalSample(sid, question, letter, MC, [], choices, meta={"category": category})]

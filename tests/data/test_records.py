@@ -212,4 +212,4 @@ def test_rl_multiple_choice_records(tmp_path):
         ("B", "multiple_choice"), ("B", "choice"), ("B", "multiple_choice")]
     assert records[0].data["problem"] == "Which is a mammal?\nA. shark\nB. whale\nC. trout"
     assert report.kinds == {"bad_answer": 2, "bad_choices": 1}
-    assert f"{path}:4: bad_answer: answer index 2 outside 2 choices" in report.format()
+    assert f"{path}:4: bad_answer: answer index 2 outside 2 options" in report.format()
