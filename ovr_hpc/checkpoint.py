@@ -230,7 +230,17 @@ def load_checkpoint(engines: dict, path: str) -> dict:
     for name, engine in engines.items():
         if not os.path.isdir(os.path.join(path, name)):
             raise RuntimeError(f"{path} has no state for {name!r} (holds: {sorted(os.listdir(path))})")
-        client_state = engine.load(os.path.join(path, name))
+        try:
+            client_state = engine.load(os.path.join(path, name))
+        except Exception as e:
+            # a checkpoint damaged after it was completed (a file system losing or truncating files): say
+            # which, and how to fall back to an older one, rather than only the loader's own error
+            root = os.path.dirname(path.rstrip("/"))
+            older = sorted(s for s in _complete_steps(root) if f"step_{s}" != os.path.basename(path.rstrip("/")))
+            raise RuntimeError(
+                f"cannot load the {name!r} state of {path}: {type(e).__name__}: {e}. To resume from an older "
+                f"checkpoint (complete ones: {', '.join(f'step_{s}' for s in older) or 'none'}), move {path} "
+                "away; checkpoint.resume=false starts over") from e
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     rng_file = os.path.join(path, f"rng_rank{rank}.pt")
     if os.path.exists(rng_file):

@@ -121,6 +121,23 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_model_dir, arithmetic_
     assert result["step"] == 4 and [m["step"] for m in read_metrics(str(out))] == [1, 2, 3, 4]
 
 
+def test_a_damaged_checkpoint_names_itself_and_the_older_ones(tiny_model_dir, arithmetic_file, tmp_path):
+    """A complete checkpoint whose files were damaged afterwards: the error says which and how to fall back."""
+    from ovr_hpc.sft.trainer import train
+
+    out = tmp_path / "run"
+    args = (tiny_model_dir, arithmetic_file, out, "schedule.max_steps=4", "checkpoint.every_steps=2",
+            "checkpoint.save_hf_weights=false")
+    train(_cfg(*args))
+    states = out / "checkpoints" / "step_4" / "policy" / "engine" / "mp_rank_00_model_states.pt"
+    states.write_bytes(states.read_bytes()[:1000])   # truncated
+    with pytest.raises(RuntimeError, match=r"cannot load the 'policy' state of .*step_4: .*complete ones: step_2"):
+        train(_cfg(*args, "schedule.max_steps=6"))
+    shutil.move(out / "checkpoints" / "step_4", tmp_path / "damaged")
+    assert train(_cfg(*args, "schedule.max_steps=6"))["step"] == 6
+    assert [m["step"] for m in read_metrics(str(out))][-4:] == [3, 4, 5, 6]   # steps 3-4 trained again
+
+
 def test_bad_data_threshold_fails_before_training(tiny_model_dir, tmp_path):
     from ovr_hpc.sft.trainer import train
 
