@@ -181,11 +181,12 @@ def train(cfg: RLConfig) -> dict:
         times["generate"] = time.perf_counter() - t
         if completions is None:
             # a stop signal while generating: this step never happened (its rollouts are drawn again from
-            # the same seeds after the resume); the checkpoint is the state the step started from, unless
-            # the step boundary saved it already
-            saved = os.path.exists(os.path.join(checkpoints_dir(out_dir), f"step_{step}", COMPLETE))
-            status = preempted(stop, log, f" during the rollouts of step {step + 1}: "
-                               + (f"step {step} is saved" if saved else f"saving step {step}"), None if saved else save)
+            # the same seeds after the resume); the checkpoint is the state the step started from
+            moment = f" during the rollouts of step {step + 1}"
+            if os.path.exists(os.path.join(checkpoints_dir(out_dir), f"step_{step}", COMPLETE)):
+                status = preempted(stop, log, f"{moment}: step {step} is saved already")
+            else:
+                status = preempted(stop, log, f"{moment}: saving step {step}", save)
             break
 
         # ---- 2. rewards, in worker processes
