@@ -44,6 +44,7 @@ def run_stage(stage: str, config_path: str, overrides: list[str]) -> int:
         result = train(config)
     finally:
         dist.shutdown()
+        dist.ignore_stop_signals()
     if result["status"] == "preempted":
         from ovr_hpc.dist import EXIT_REQUEUE
 

@@ -173,6 +173,14 @@ def catch_stop_signals() -> None:
         signal.signal(getattr(signal, name), _on_stop_signal)
 
 
+def ignore_stop_signals() -> None:
+    """After a run: a stop signal has nothing left to stop. Ignored rather than caught: while Python shuts
+    down it gives caught signals their default action back (terminate), so a time-limit warning arriving
+    then turned a finished rank into one killed by SIGUSR1 (exit 138, the job FAILED)."""
+    for name in StopRequest.SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def shutdown() -> None:
     """Destroy the process group before exit: gloo's threads can abort the process at interpreter exit
     otherwise, turning a clean finish (or a saved stop) into a failed job."""

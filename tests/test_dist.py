@@ -64,3 +64,27 @@ def test_a_signal_during_a_periodic_save_stops_right_after_it():
         assert not stop.requested
     finally:
         dist.catch_stop_signals()
+
+
+def test_a_signal_while_a_finished_run_exits_does_not_kill_it(tmp_path):
+    """Python gives caught signals their default action back while it shuts down: a time-limit warning
+    arriving then killed finished ranks (exit 138, seen on the local Slurm cluster). After the run the stop
+    signals are ignored instead."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "finish.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "from ovr_hpc import dist\n"
+        "dist.catch_stop_signals()\n"
+        "if sys.argv[1] == 'after_run':\n"
+        "    dist.ignore_stop_signals()\n"
+        "class LateSignal:  # a signal while the interpreter tears its modules down\n"
+        "    def __del__(self, kill=os.kill, pid=os.getpid(), usr1=signal.SIGUSR1, sleep=time.sleep):\n"
+        "        kill(pid, usr1)\n"
+        "        sleep(1)\n"
+        "late = LateSignal()\n")
+    run = [sys.executable, str(script)]
+    assert subprocess.run(run + ["caught"], timeout=60).returncode == -10   # what happened before
+    assert subprocess.run(run + ["after_run"], timeout=60).returncode == 0
