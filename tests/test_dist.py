@@ -88,3 +88,17 @@ def test_a_signal_while_a_finished_run_exits_does_not_kill_it(tmp_path):
     run = [sys.executable, str(script)]
     assert subprocess.run(run + ["caught"], timeout=60).returncode == -10   # what happened before
     assert subprocess.run(run + ["after_run"], timeout=60).returncode == 0
+
+
+def test_run_stage_ignores_stop_signals_once_the_run_is_over(monkeypatch):
+    import ovr_hpc.sft.trainer
+    from ovr_hpc.cli import run_stage
+    from tests.conftest import REPO
+
+    monkeypatch.setattr(ovr_hpc.sft.trainer, "train", lambda config: {"status": "completed"})
+    try:
+        assert run_stage("coldstart", f"{REPO}/configs/tiny/coldstart.yaml",
+                         ["model.path=/nonexistent", "data.train_files=[x.jsonl]"]) == 0
+        assert all(signal.getsignal(getattr(signal, name)) is signal.SIG_IGN for name in dist.StopRequest.SIGNALS)
+    finally:
+        dist.catch_stop_signals()
