@@ -374,8 +374,8 @@ class RLDataConfig:
     shuffle: bool = True
     """Shuffle the prompts each epoch (deterministically from the seed)."""
     cache_dir: Optional[str] = None
-    """Where images embedded in Parquet records are written (default OUTPUT_DIR/data_cache); shared by
-    requeued runs."""
+    """Where the checked prompts and images embedded in Parquet records are kept (default
+    OUTPUT_DIR/data_cache); shared by requeued runs."""
 
     def validate(self, prefix: str) -> None:
         _validate_data_files(prefix, self)

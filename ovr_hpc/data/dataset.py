@@ -8,15 +8,14 @@ samples, the same rows and the same report, so all decisions (threshold, packing
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ovr_hpc.data.cache import cache_key, wait_for_file
 from ovr_hpc.data.packing import one_per_row, pack_best_fit
 from ovr_hpc.data.records import BadRecord, DataReport, read_records
 from ovr_hpc.data.templates import IMAGE_PAD, TokenizedSample, to_chat_messages, tokenize_chat, truncate
@@ -30,17 +29,10 @@ IGNORE_INDEX = -100
 
 
 def _cache_key(cfg, processor, model_path: str) -> str:
-    h = hashlib.sha256()
-    for path in cfg.train_files:
-        st = os.stat(path)
-        h.update(f"{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
     tok = processor.tokenizer if hasattr(processor, "tokenizer") else processor
-    h.update(json.dumps([
-        CACHE_VERSION, os.path.abspath(model_path), len(tok), tok.name_or_path,
-        cfg.max_seq_len, cfg.overlong, cfg.min_pixels, cfg.max_pixels, cfg.system_prompt,
-    ]).encode())
-    h.update(processor.chat_template.encode() if getattr(processor, "chat_template", None) else b"")
-    return h.hexdigest()[:16]
+    return cache_key(cfg.train_files, [
+        CACHE_VERSION, os.path.abspath(model_path), len(tok), tok.name_or_path, cfg.max_seq_len, cfg.overlong,
+        cfg.min_pixels, cfg.max_pixels, cfg.system_prompt, getattr(processor, "chat_template", None) or ""])
 
 
 def tokenize_records(records, processor, cfg, report: DataReport) -> list[TokenizedSample]:
@@ -73,25 +65,13 @@ def _save_shard(path: str, samples: list[TokenizedSample], report: DataReport) -
     np.save(os.path.join(tmp, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     meta = [{"where": s.where, "spans": s.loss_spans, "images": s.images, "image_sizes": s.image_sizes} for s in samples]
     with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"samples": meta, "report": _report_to_json(report)}, f)
+        json.dump({"samples": meta, "report": report.to_json()}, f)
     if os.path.exists(path):  # prepared meanwhile by an identical run: keep theirs
         import shutil
 
         shutil.rmtree(tmp)
     else:
         os.replace(tmp, path)
-
-
-def _report_to_json(r: DataReport) -> dict:
-    return {"num_total": r.num_total, "num_bad": r.num_bad, "kinds": dict(r.kinds), "examples": r.examples,
-            "num_truncated": r.num_truncated, "num_dropped_overlong": r.num_dropped_overlong}
-
-
-def _report_from_json(d: dict) -> DataReport:
-    from collections import Counter
-
-    return DataReport(d["num_total"], d["num_bad"], Counter(d["kinds"]), d["examples"], d["num_truncated"],
-                      d["num_dropped_overlong"])
 
 
 @dataclass
@@ -147,15 +127,12 @@ def prepare_sft_dataset(cfg, processor, model_path: str, cache_root: str, rank: 
     shards, report = [], DataReport()
     for r in range(world):
         path = os.path.join(cache, f"shard_{r:05d}")
-        for _ in range(600):  # shared filesystems can lag behind the barrier
-            if os.path.exists(os.path.join(path, "meta.json")):
-                break
-            time.sleep(1)
+        wait_for_file(os.path.join(path, "meta.json"))
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
         shards.append(Shard(np.load(os.path.join(path, "tokens.npy"), mmap_mode="r"),
                             np.load(os.path.join(path, "offsets.npy")), meta["samples"]))
-        report.merge(_report_from_json(meta["report"]))
+        report.merge(DataReport.from_json(meta["report"]))
     return SFTDataset(shards, report, world)
 
 

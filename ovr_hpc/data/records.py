@@ -90,6 +90,16 @@ class DataReport:
                 + self.format()
             )
 
+    def to_json(self) -> dict:
+        return {"num_total": self.num_total, "num_bad": self.num_bad, "kinds": dict(self.kinds),
+                "examples": self.examples, "num_truncated": self.num_truncated,
+                "num_dropped_overlong": self.num_dropped_overlong}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "DataReport":
+        return cls(d["num_total"], d["num_bad"], Counter(d["kinds"]), d["examples"], d["num_truncated"],
+                   d["num_dropped_overlong"])
+
     def as_metrics(self) -> dict[str, int]:
         out = {"data/records": self.num_total, "data/bad": self.num_bad}
         out.update({f"data/bad_{k}": v for k, v in self.kinds.items()})
@@ -106,6 +116,7 @@ class Record:
     data: dict[str, Any]
     images: list[str]
     image_sizes: list[tuple[int, int]] = field(default_factory=list)  # (h, w) after resizing, when checked
+    index: int = 0  # position among all entries of the files read (what `select` chose by)
 
 
 def iter_raw(path: str) -> Iterator[tuple[str, Any]]:
@@ -382,7 +393,7 @@ def read_records(
                         "image_count_mismatch", f"{n_slots} image placeholders but {len(images)} images"
                     )
                 sizes = [check_image(ref, min_pixels, max_pixels) for ref in images] if check_images else []
-                records.append(Record(where=where, data=obj, images=images, image_sizes=sizes))
+                records.append(Record(where=where, data=obj, images=images, image_sizes=sizes, index=raw_index))
             except BadRecord as e:
                 report.add_bad(where, e.kind, e.message)
     return records, report

@@ -113,10 +113,11 @@ def train(cfg: RLConfig) -> dict:
     alg, ro = cfg.algorithm, cfg.rollout
     device = dist.device()
 
-    # ---- prompts (validated, reported), same list on every rank
+    # ---- prompts (checked once, split over the ranks, cached), same list on every rank
     processor = load_processor(cfg.model.path, cfg.data.min_pixels, cfg.data.max_pixels)
-    prompts, report = load_rl_prompts(cfg.data, processor,
-                                      cfg.data.cache_dir or os.path.join(out_dir, "data_cache"))
+    prompts, report = load_rl_prompts(cfg.data, processor, cfg.model.path,
+                                      cfg.data.cache_dir or os.path.join(out_dir, "data_cache"), info.rank,
+                                      info.world_size)
     log(report.format())
     report.check_threshold(cfg.data.max_bad_fraction)
     if not prompts:

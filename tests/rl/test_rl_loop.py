@@ -195,3 +195,41 @@ def test_rl_stop_during_rollouts_saves_the_step_start_and_resumes_exactly(tiny_m
     assert train(cfg(half))["status"] == "completed"
     keys = ["reward", "response_length", "policy/pg_loss", "critic/vf_loss", "max_response_len"]
     assert [[m[k] for k in keys] for m in read_metrics(half)] == [[m[k] for k in keys] for m in read_metrics(full)]
+
+
+def test_rl_prompts_are_checked_once_split_over_ranks(tiny_model_dir, processor, tmp_path, monkeypatch):
+    """Rank r checks records r, r + W, ...; every rank reads all shards back in file order; a second call
+    (a requeued job) decodes no image."""
+    import ovr_hpc.rl.prompts as prompts_module
+    from ovr_hpc.config import RLDataConfig
+    from ovr_hpc.rl.prompts import load_rl_prompts
+    from tests.conftest import write_jsonl, write_png
+
+    write_png(tmp_path / "red.png")
+    rows = [{"problem": f"<image>What is {i} + 1?" if i % 3 == 0 else f"What is {i} + 1?", "answer": str(i + 1),
+             "images": ["red.png"] if i % 3 == 0 else []} for i in range(9)]
+    rows[4] = {"problem": "no answer"}
+    data = RLDataConfig(train_files=[write_jsonl(tmp_path / "rl.jsonl", rows)], min_pixels=3136, max_pixels=50176)
+    one, one_report = load_rl_prompts(data, processor, tiny_model_dir, str(tmp_path / "one"))
+    assert [p.answer for p in one] == ["1", "2", "3", "4", "6", "7", "8", "9"] and one_report.num_bad == 1
+
+    # two ranks: rank 1's shard written first (as another process would), then rank 0 reads both
+    real_prepare = prompts_module.prepare_prompt_shard
+
+    def prepare_both(data_cfg, processor_, cache_root, folder, rank, world):
+        real_prepare(data_cfg, processor_, cache_root, folder, 1, world)
+        real_prepare(data_cfg, processor_, cache_root, folder, rank, world)
+
+    monkeypatch.setattr(prompts_module, "prepare_prompt_shard", prepare_both)
+    two, two_report = load_rl_prompts(data, processor, tiny_model_dir, str(tmp_path / "two"), rank=0, world=2)
+    assert [(p.where, p.answer, p.image_sizes, p.num_tokens) for p in two] == \
+        [(p.where, p.answer, p.image_sizes, p.num_tokens) for p in one]
+    assert two_report.num_total == 9 and two_report.kinds == one_report.kinds
+    monkeypatch.setattr(prompts_module, "prepare_prompt_shard", real_prepare)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("an image was decoded again")
+
+    monkeypatch.setattr("ovr_hpc.data.vision.check_image", no_decoding)
+    again, _ = load_rl_prompts(data, processor, tiny_model_dir, str(tmp_path / "one"))
+    assert again == one
