@@ -881,8 +881,10 @@ class MMBench(Benchmark):
         if letter is None:
             raise BadRecord("bad_answer", "answer is none of the options")
         image = required(row, "image")
-        if isinstance(image, str) and not re.search(r"^(data:|https?:)|\.(png|jpe?g|gif|bmp|webp)$", image.strip(), re.I):
-            image = "data:image;base64," + image.strip()   # the TSV's base64 cell
+        base64_cell = isinstance(image, str) and not re.search(r"^(data:|https?:)|\.(png|jpe?g|gif|bmp|webp)$",
+                                                               image.strip(), re.I)
+        if base64_cell:   # the TSV's images
+            image = "data:image;base64," + image.strip()
         return [EvalSample(str(index), question, letter, MC, [ctx.images(image)], choices,
                            group=str(index % 1_000_000), meta={"category": field_of(row, "category")})]
 

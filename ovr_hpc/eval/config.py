@@ -42,7 +42,8 @@ class EvalModelConfig:
 class BenchmarkSpec:
     name: str = ""
     """Adapter: mathvista, mathvision, mathverse, dynamath, wemath, logicvista, mmmu_pro,
-    charxiv_reasoning, charxiv_descriptive, math500, aime24, aime25, gpqa_diamond, mmlu, mmlu_pro, mmbench_en, mme, records."""
+    charxiv_reasoning, charxiv_descriptive, math500, aime24, aime25, gpqa_diamond, mmlu, mmlu_pro,
+    mmbench_en, mme, records."""
     path: str = ""
     """Data file, glob or folder (relative paths resolve against data_root); empty = the adapter's default."""
     images: str = ""

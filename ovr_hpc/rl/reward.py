@@ -302,7 +302,8 @@ _SEGMENT_RE = re.compile(r"\\(?:overline|overleftrightarrow|overrightarrow|vec)\
 # "5 dollars", "12 square units": a number followed by plain words is a number with a unit, as
 # "5\\text{ dollars}" is; words that change the value ("2 pi", "5 thousand") or join numbers do not count.
 _UNIT_WORD = r"(?:[A-Za-z]{2,}|[A-Za-z]+/[A-Za-z]+(?:\^\{?\d\}?)?)"   # "dollars", "m/s", "km/h", "m/s^2"
-_NUMBER_UNIT_WORDS_RE = re.compile(r"^([+-]?\d[\d,]*(?:\.\d+)?)\s+(" + _UNIT_WORD + r"(?:\s+" + _UNIT_WORD + r"){0,2})$")
+_NUMBER_UNIT_WORDS_RE = re.compile(
+    r"^([+-]?\d[\d,]*(?:\.\d+)?)\s+(" + _UNIT_WORD + r"(?:\s+" + _UNIT_WORD + r"){0,2})$")
 _NOT_UNIT_WORDS = frozenset(
     "pi sqrt sin cos tan cot sec csc log ln exp times thousand thousands million millions billion billions "
     "hundred hundreds dozen dozens and or to plus minus over divided by of".split())
