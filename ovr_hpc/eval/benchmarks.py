@@ -789,9 +789,7 @@ class GPQADiamond(Benchmark):
         else:  # JSONL re-packagings: question, choices/options, answer (letter or text)
             sid = self.sample_id(row, key, "id", "Record ID")
             choices = as_list(required(row, "choices", "options"))
-            letter = letter_of(answer_text(required(row, "answer")), choices)
-            if letter is None:
-                raise BadRecord("bad_answer", "answer is none of the choices")
+            letter = answer_letter(answer_text(required(row, "answer")), choices)
         return [EvalSample(sid, question, letter, MC, [], choices)]
 
 
@@ -877,9 +875,7 @@ class MMBench(Benchmark):
             choices.append(str(row[letter]).strip())
         if len(choices) < 2:
             raise BadRecord("bad_choices", f"{len(choices)} options (columns A, B, ...)")
-        letter = letter_of(answer_text(required(row, "answer")), choices)
-        if letter is None:
-            raise BadRecord("bad_answer", "answer is none of the options")
+        letter = answer_letter(answer_text(required(row, "answer")), choices)
         image = required(row, "image")
         base64_cell = isinstance(image, str) and not re.search(r"^(data:|https?:)|\.(png|jpe?g|gif|bmp|webp)$",
                                                                image.strip(), re.I)
