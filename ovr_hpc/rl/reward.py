@@ -39,6 +39,22 @@ Comparison by ``answer_type``
   would equal "cat"); trigonometric functions of degrees
   ("\\cos 60^\\circ") are written in radians (math-verify reads cos of 60 radians) and a
   segment "\\overline{AB}" is AB.
+* The form of the answers decides before any value is compared, where the normalisation would
+  discard what tells them apart: two different units ("5 cm" against "5 m"; a unit left out, or one
+  not in the table, such as "apples", is not compared); two different unknowns ("x = 2" against
+  "y = 2"); points named by capitals ("ABC", "\\angle ABC") are names, equal read backwards (a
+  triangle's in any order), not the product A*B*C; an explicit set "\\{1, 2\\}" is neither a pair
+  nor an interval; a one-column or one-row matrix against a tuple "(1, 4)" (or "\\langle 1, 4\\rangle")
+  is compared entry by entry; an answer equation whose numeric sides differ ("3 = 7") is wrong
+  (math-verify would keep its right-hand side); a choice answer naming several letters ("C or D",
+  "(A) and (C)") names all of them.
+* A reference with several boxed parts ("\\boxed{3} apples and \\boxed{7} pears") asks for all of them,
+  in order: as the parts of the last boxed answer ("\\boxed{3, 7}", "\\boxed{(3; 7)}") or as the last
+  boxed answers ("\\boxed{3} ... \\boxed{7}"); a part repeated verbatim counts once
+  (:func:`reference_parts`).  ``ovr-hpc grade --references-only`` lists such references.
+* LaTeX is normalised token by token: a row break ``\\\\`` stays one (MATH's spaced
+  ``\\begin{pmatrix} 1 \\\\ 4 \\end{pmatrix}``), the negative thin space ``\\!`` joins (MATH's
+  thousands separator "14,\\!916"), a lone trailing backslash is dropped.
 * Then a "wrong" verdict gets a second look by value: plain numbers spelled differently ("1e3"
   and 1000), degrees against radians ("30^\\circ" and "\\frac{\\pi}{6}"), and a rounded
   reference (a decimal with a decimal place and three significant digits, "11.31") matched by an
@@ -83,6 +99,8 @@ __all__ = [
     "REASONS",
     "score",
     "extract_last_boxed",
+    "extract_boxed_parts",
+    "reference_parts",
     "RewardPool",
     "MAX_RESPONSE_CHARS",
     "MAX_ANSWER_CHARS",
@@ -202,7 +220,32 @@ def extract_last_boxed(text: str) -> tuple[str | None, str]:
     MAX_BOXED_CANDIDATES of them)."""
     if len(text) > MAX_RESPONSE_CHARS:
         text = text[-MAX_RESPONSE_CHARS:]
-    end = len(text)
+    content, status, _ = _boxed_before(text, len(text))
+    return content, status
+
+
+def extract_boxed_parts(text: str, limit: int = MAX_BOXED_CANDIDATES) -> tuple[list[str], str]:
+    """The contents of every ``\\boxed`` answer of ``text`` in reading order (at most ``limit``, the
+    last ones), and the status of the last (as :func:`extract_last_boxed`)."""
+    if len(text) > MAX_RESPONSE_CHARS:
+        text = text[-MAX_RESPONSE_CHARS:]
+    parts: list[str] = []
+    end, status = len(text), "no_boxed"
+    while len(parts) < limit:
+        content, st, pos = _boxed_before(text, end)
+        if not parts:
+            status = st
+        if st != "ok" or content is None:
+            break
+        end = pos
+        if any(c in content for c in _BOX_COMMANDS):  # "\\boxed{\\boxed{3}}": the inner one counts
+            continue
+        parts.append(content)
+    return parts[::-1], status
+
+
+def _boxed_before(text: str, end: int) -> tuple[str | None, str, int]:
+    """(content, status, position of the command) of the last boxed answer that starts before ``end``."""
     for _ in range(MAX_BOXED_CANDIDATES):
         pos, cmd = -1, ""
         for c in _BOX_COMMANDS:
@@ -210,7 +253,7 @@ def extract_last_boxed(text: str) -> tuple[str | None, str]:
             if p > pos:
                 pos, cmd = p, c
         if pos < 0:
-            return None, "no_boxed"
+            return None, "no_boxed", -1
         end = pos  # next round searches before this mention
         i = pos + len(cmd)
         if i < len(text) and text[i].isalpha():  # another control word, e.g. \boxedx, \fboxsep
@@ -219,7 +262,7 @@ def extract_last_boxed(text: str) -> tuple[str | None, str]:
         while j < len(text) and j - i < 16 and text[j] in " \t":
             j += 1
         if j < len(text) and text[j] == "{":
-            return _match_braces(text, j)
+            return (*_match_braces(text, j), pos)
         if j == i or j >= len(text):  # "\boxed." / "\boxed" at the very end: a mention
             continue
         # "\boxed 5": TeX takes one token, models mean the rest of the inline math.
@@ -232,9 +275,9 @@ def extract_last_boxed(text: str) -> tuple[str | None, str]:
         if not content:
             continue
         if len(content) > MAX_ANSWER_CHARS:
-            return None, "too_long"
-        return content, "ok"
-    return None, "no_boxed"
+            return None, "too_long", pos
+        return content, "ok", pos
+    return None, "no_boxed", -1
 
 
 def _match_braces(text: str, open_pos: int) -> tuple[str | None, str]:
@@ -283,10 +326,15 @@ _UNICODE = {
     "\u2205": "\\emptyset ",
     "\\varnothing": "\\emptyset ",  # the same set; math-verify knows only \emptyset
     "\u2248": "\\approx ",
+    "\\langle": "(",  # a vector <a, b> is the tuple (a, b)
+    "\\rangle": ")",
+    "\u27e8": "(",
+    "\u27e9": ")",
 }
 _UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
 _SQRT_UNI_RE = re.compile(r"\u221a\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]{0,64}\)|\{[^{}]{0,64}\})")
-_SPACING_RE = re.compile(r"\\[,;:! ]|\\q?quad\b|~|\\displaystyle\b|\\textstyle\b")
+_NEG_SPACE_RE = re.compile(r"\\!\s*")
+_SPACING_RE = re.compile(r"\\[,;: ]|\\q?quad\b|~|\\displaystyle\b|\\textstyle\b")
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)\b\s*\.?")
 _FRAC_VARIANT_RE = re.compile(r"\\[dt]frac\b")
 # "\approx 3.14": an answer that leads with "about" is the number.
@@ -340,6 +388,24 @@ def _number_with_unit_words(s: str) -> str:
     return m.group(1) + "\\text{ " + m.group(2) + "}"
 
 
+_ROW_BREAK = "\\\\"
+
+
+def _clean_commands(s: str) -> str:
+    """The rewrites of ``_clean`` inside one piece of text that holds no row break ``\\\\``."""
+    s = _SQRT_UNI_RE.sub(lambda m: "\\sqrt{" + m.group(1).strip("(){}") + "}", s)
+    s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
+    s = s.replace("\\$", "").replace("$", "")  # currency "\$5" and inline-math dollars
+    # "\!" is a negative thin space: it joins ("14,\!916" is MATH's 14916), it never separates.
+    s = _NEG_SPACE_RE.sub("", s)
+    s = _SPACING_RE.sub(" ", s)
+    s = _LEFT_RIGHT_RE.sub("", s)
+    s = _FRAC_VARIANT_RE.sub(r"\\frac", s)
+    s = _REPEATING_RE.sub(_repeating_to_fraction, s)
+    s = _TRIG_DEGREES_RE.sub(_trig_in_radians, s)
+    return _SEGMENT_RE.sub(r"\1", s)
+
+
 def _number_word(s: str) -> str:
     """'two' / '\\text{Two}' -> '2' when that word is the whole answer; anything else unchanged."""
     word = _unwrap_text(s).strip().lower()
@@ -347,17 +413,18 @@ def _number_word(s: str) -> str:
 
 
 def _clean(s: str) -> str:
-    """Cosmetic normalisation, safe on any string (linear regexes only)."""
-    s = _SQRT_UNI_RE.sub(lambda m: "\\sqrt{" + m.group(1).strip("(){}") + "}", s)
-    s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
-    s = s.replace("\\$", "").replace("$", "")  # currency "\$5" and inline-math dollars
-    s = _SPACING_RE.sub(" ", s)
-    s = _LEFT_RIGHT_RE.sub("", s)
-    s = _FRAC_VARIANT_RE.sub(r"\\frac", s)
-    s = _REPEATING_RE.sub(_repeating_to_fraction, s)
-    s = _TRIG_DEGREES_RE.sub(_trig_in_radians, s)
-    s = _SEGMENT_RE.sub(r"\1", s)
+    """Cosmetic normalisation, safe on any string (linear regexes only).
+
+    LaTeX is read token by token where it matters: ``\\\\`` (a row break, as in
+    ``\\begin{pmatrix} 1 \\\\ 4 \\end{pmatrix}``) is one token, so the rewrites of control sequences
+    below work on the text between row breaks and never see its second backslash as the start of a
+    command (``\\ `` is a control space, but in ``\\\\ 4`` the space follows a row break)."""
+    s = _ROW_BREAK.join(_clean_commands(part) for part in s.split(_ROW_BREAK))
     s = _LEADING_APPROX_RE.sub("", s.strip())
+    # A lone trailing backslash escapes nothing (our own wrapping, "\\boxed{" + s + "}", would make it
+    # escape the closing brace): dropped. An even run is row breaks and stays.
+    if (len(s) - len(s.rstrip("\\"))) % 2:
+        s = s[:-1].rstrip()
     while s and s[-1] in ".,;" and not s.endswith("\\."):
         s = s[:-1].rstrip()
     return _number_with_unit_words(s)
@@ -463,7 +530,9 @@ _MC_PREFIX_RE = re.compile(
     r"^(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice)\s*(?:is\s*)?[:=]?\s*", re.I
 )
 _MC_SINGLE_RE = re.compile(r"^([\(\[]?)\s*([A-Za-z])\s*([\)\]]?)(?=$|[\s.:,)\]])(.*)$", re.S)
-_MC_MULTI_RE = re.compile(r"^[A-Z](?:\s*[,;/&]\s*[A-Z]|\s+and\s+[A-Z]|\s+[A-Z])+$")
+_MC_MULTI_RE = re.compile(r"^[A-Z](?:\s*[,;/&]\s*[A-Z]|\s+(?:and|or)\s+[A-Z]|\s+[A-Z])+$")
+# After one letter, "or D", ", (D)", "and (D)": the answer names another option too (a hedge).
+_MC_MORE_RE = re.compile(r"^\s*(?:[,;/&+]|\bor\b|\band\b)\s*(?:\\text\s*\{\s*)?[\(\[]?\s*([A-Za-z])\s*[\)\]]?(?=$|[\s.:,;)\]}])")
 
 
 def _choice_letters(s: str, *, strict: bool = False) -> frozenset[str] | None:
@@ -481,6 +550,14 @@ def _choice_letters(s: str, *, strict: bool = False) -> frozenset[str] | None:
     if m:
         letter, rest = m.group(2), m.group(4)
         bracketed = bool(m.group(1) or m.group(3))
+        more = _MC_MORE_RE.match(rest)
+        if more and (letter.isupper() or bracketed):  # "C or D", "(A) and (C)": every letter named
+            letters = {letter.upper()}
+            while more:
+                letters.add(more.group(1).upper())
+                rest = rest[more.end():]
+                more = _MC_MORE_RE.match(rest)
+            return None if strict else frozenset(letters)
         rest_s = rest.strip().lstrip(".:)]").strip()
         if strict:
             if letter.isupper() and not rest_s:
@@ -699,13 +776,52 @@ def _gold(ref: str) -> list:
     return parsed
 
 
-def _normalize_reference(reference: str) -> str:
+def reference_parts(reference: str) -> list[str]:
+    """The answer(s) a reference asks for, normalised: the contents of its ``\\boxed`` parts, in order,
+    without repeats (a solution text that boxes its answer twice asks for one answer), or the whole
+    reference when it has no box.  Several parts ("\\boxed{3} apples and \\boxed{7} pears") mean the
+    response must give all of them (see :func:`score`).  Empty list: nothing to grade against."""
     ref = reference.strip()
+    contents = [ref]
     if "\\boxed" in ref or "\\fbox" in ref:
-        content, status = extract_last_boxed(ref)
-        if status == "ok" and content is not None:
-            ref = content
-    return _clean(ref)
+        found, status = extract_boxed_parts(ref)
+        if status == "ok" and found:
+            contents = found
+    parts: list[str] = []
+    for c in contents:
+        part = _number_word(_clean(c))
+        if part and _canon(part) not in {_canon(q) for q in parts}:
+            parts.append(part)
+    return parts
+
+
+def _split_parts(s: str, *, keep_thousands: bool) -> list[str]:
+    """``s`` split at its top-level separators (",", ";", "and"), outside any brackets.  With
+    ``keep_thousands`` a comma between a digit and a group of three digits ("14,916") does not split."""
+    s = re.sub(r"\s*\\text\s*\{\s*and\s*\}\s*|\s+and\s+", ",", s)
+    pieces, depth, start, i = [], 0, 0, 0
+    while i < len(s):
+        ch = s[i]
+        if ch == "\\":
+            if s.startswith("\\{", i) or s.startswith("\\langle", i):
+                depth += 1
+            elif s.startswith("\\}", i) or s.startswith("\\rangle", i):
+                depth -= 1
+            i += 2
+            continue
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch in ",;" and depth == 0:
+            thousands = (ch == "," and i > 0 and s[i - 1].isdigit()
+                         and re.match(r"\d{3}(?![\d.])", s[i + 1:i + 5]) is not None)
+            if not (keep_thousands and thousands):
+                pieces.append(s[start:i].strip())
+                start = i + 1
+        i += 1
+    pieces.append(s[start:].strip())
+    return [p for p in pieces if p]
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -743,19 +859,40 @@ def _score_impl(response: Any, reference: Any, answer_type: str | None) -> Rewar
         return _result("error")
     if len(reference) > MAX_REFERENCE_CHARS:
         return _result("bad_reference")
-    ref = _number_word(_normalize_reference(reference))
-    if not ref:
+    refs = reference_parts(reference)
+    if not refs:
         return _result("bad_reference")
 
-    raw, status = extract_last_boxed(response)
+    boxes, status = extract_boxed_parts(response, limit=len(refs))
     if status != "ok":
         return _result(status)
-    assert raw is not None
+    raw = boxes[-1]
+    kind = answer_type.strip().lower().replace(" ", "_").replace("-", "_") if isinstance(answer_type, str) else ""
+    if len(refs) == 1:
+        return _result(_grade(raw, refs[0], kind), raw)
+    # A reference of several boxed parts: every part, in order, either as the parts of the last boxed
+    # answer ("\boxed{3, 7}") or as the last boxed answers ("\boxed{3} ... \boxed{7}").
+    whole = _clean(raw)
+    if _outer_bracket(whole) in ("tuple", "interval"):  # "(3, 7)", "[3, 7]": the parts as a tuple
+        whole = whole[1:-1]
+    candidates = [p for p in (_split_parts(whole, keep_thousands=False), _split_parts(whole, keep_thousands=True))
+                  if len(p) == len(refs)]
+    if len(boxes) == len(refs):
+        candidates.append(boxes)
+    verdict = "wrong"
+    for answers in candidates:
+        verdicts = [_grade(a, r, kind) for a, r in zip(answers, refs)]
+        verdict = next((v for v in verdicts if v != "correct"), "correct")
+        if verdict == "correct":
+            break
+    return _result(verdict, raw)
+
+
+def _grade(raw: str, ref: str, kind: str) -> str:
+    """Verdict (a reason code) of one extracted answer ``raw`` against one normalised reference part."""
     answer = _number_word(_clean(raw))
     if not answer:
-        return _result("empty_boxed", raw)
-
-    kind = answer_type.strip().lower().replace(" ", "_").replace("-", "_") if isinstance(answer_type, str) else ""
+        return "empty_boxed"
     infer = kind not in _NUMBER_TYPES and kind not in _MATH_TYPES
     if kind in _CHOICE_TYPES or (infer and _choice_letters(ref, strict=True)):
         if kind in _CHOICE_TYPES:  # declared choice: the reference may carry the option text
@@ -763,27 +900,201 @@ def _score_impl(response: Any, reference: Any, answer_type: str | None) -> Rewar
         else:
             ref_letters = _choice_letters(ref, strict=True)
         if ref_letters:
-            got = _choice_letters(answer)
-            return _result("correct" if got == ref_letters else "wrong", raw)
+            return "correct" if _choice_letters(answer) == ref_letters else "wrong"
         # choice question whose reference is the option text: compare as math below
 
     # Cheap exact match on the normalised text (no parser involved).
     if _canon(answer) == _canon(ref):
-        return _result("correct", raw)
+        return "correct"
     # Words against words ("Democrats"): compared as text. math-verify would read them as products of
     # symbols: case-sensitive, and "act" equal to "cat".
     answer_words, ref_words = _word_answer(answer), _word_answer(ref)
     if answer_words is not None and ref_words is not None:
-        return _result("correct" if answer_words == ref_words else "wrong", raw)
+        return "correct" if answer_words == ref_words else "wrong"
     if _too_complex(answer):
-        return _result("too_complex", raw)
+        return "too_complex"
+    structural = _structural_verdict(answer, ref, kind)
+    if structural is not None:
+        return structural
 
     verdict = _score_number(answer, ref) if kind in _NUMBER_TYPES else None
     if verdict is None:
         verdict = _score_math(answer, ref)
     if verdict in ("wrong", "parse_error") and _equal_by_value(answer, ref):
         verdict = "correct"
-    return _result(verdict, raw)
+    return verdict
+
+
+def _structural_verdict(answer: str, ref: str, kind: str) -> str | None:
+    """'wrong' (or 'correct') where the form of the answers decides before any value is compared, else
+    None.  Each rule is a fact the value comparisons below cannot see because their normalisation
+    discards it: the unit, the name of the unknown, the order of a point's letters, braces, a vector's
+    notation."""
+    answer_unit, ref_unit = _unit_of(answer), _unit_of(ref)
+    if answer_unit and ref_unit and answer_unit != ref_unit:  # "5 cm" is not "5 m"; "5" is (unit left out)
+        return "wrong"
+    answer_var, ref_var = _assigned_name(answer), _assigned_name(ref)
+    if answer_var and ref_var and answer_var != ref_var:  # "x = 2" is not "y = 2"; "2" is
+        return "wrong"
+    answer_points, ref_points = _point_names(answer), _point_names(ref)
+    if answer_points and ref_points:  # "ABC": points' names, not the product A*B*C
+        return "correct" if _same_figure(answer_points, ref_points) else "wrong"
+    answer_bracket, ref_bracket = _outer_bracket(answer), _outer_bracket(ref)
+    if {answer_bracket, ref_bracket} in ({"set", "tuple"}, {"set", "interval"}):
+        return "wrong"  # the set {1, 2} is neither the pair (1, 2) nor the interval [1, 2]
+    answer_entries, ref_entries = _vector_entries(answer), _vector_entries(ref)
+    if answer_entries is not None and ref_entries is not None and (answer_bracket == "vector") != (
+            ref_bracket == "vector"):  # (1, 4) against the column vector of 1 and 4: entry by entry
+        if len(answer_entries) != len(ref_entries):
+            return "wrong"
+        verdicts = [_grade(a, r, kind) for a, r in zip(answer_entries, ref_entries)]
+        return next((v for v in verdicts if v != "correct"), "correct")
+    return None
+
+
+# ----------------------------------------------------------------------------- units
+# Spellings of the units whose mix-up is a wrong answer, by canonical name. Not listed (apples, people,
+# "units") means: not compared, a unit left out or named in other words stays right.
+_UNIT_NAMES = {
+    "mm": "mm millimeter millimetre", "cm": "cm centimeter centimetre", "m": "m meter metre",
+    "km": "km kilometer kilometre", "in": "in inch inches", "ft": "ft foot feet", "yd": "yd yard",
+    "mi": "mi mile", "s": "s sec second", "min": "min minute", "h": "h hr hour", "day": "day days",
+    "week": "week wk", "month": "month", "year": "year yr", "mg": "mg milligram", "g": "g gram gm",
+    "kg": "kg kilogram kilo", "lb": "lb pound", "oz": "oz ounce", "ton": "ton tonne t",
+    "ml": "ml milliliter millilitre", "l": "l liter litre", "dollar": "dollar usd", "cent": "cent cents",
+    "km/h": "km/h kmh kph kmph", "mph": "mph mi/h", "m/s": "m/s", "ft/s": "ft/s",
+    "n": "n newton", "j": "j joule", "w": "w watt", "v": "v volt", "a": "amp ampere", "pa": "pa pascal",
+    "hz": "hz hertz", "kj": "kj kilojoule", "kw": "kw kilowatt", "cal": "cal calorie",
+}
+_UNIT_CANON = {spelling: name for name, spellings in _UNIT_NAMES.items() for spelling in spellings.split()}
+_UNIT_TEXT_RE = re.compile(
+    r"(?:\\(?:text|mathrm|mbox|textrm|operatorname)\s*\{([^{}]*)\}|(?<=[\d\s}])([A-Za-z]+(?:/[A-Za-z]+)?))"
+    r"\s*(?:\^\s*\{?\s*([23])\s*\}?|([\u00b2\u00b3]))?\s*$")
+_UNIT_VALUE_RE = re.compile(r"^[+-]?(?:\d[\d,]*(?:\.\d*)?|\.\d+|\\frac\{[^{}]*\}\{[^{}]*\}|[\d.]+\s*/\s*[\d.]+)$")
+
+
+def _unit_of(s: str) -> str | None:
+    """The canonical unit of "<number> <unit>" ("5 cm", "5\\text{ cm}^2", "5 square meters"), else None."""
+    m = _UNIT_TEXT_RE.search(s)
+    if not m:
+        return None
+    value = s[:m.start()].strip()
+    if not _UNIT_VALUE_RE.match(value):
+        return None
+    words = (m.group(1) if m.group(1) is not None else m.group(2)).strip().lower().split()
+    power = m.group(3) or {"\u00b2": "2", "\u00b3": "3"}.get(m.group(4) or "", "")
+    if words and words[0] in ("square", "sq", "sq.") and len(words) > 1:
+        power, words = "2", words[1:]
+    elif words and words[0] == "cubic" and len(words) > 1:
+        power, words = "3", words[1:]
+    if len(words) != 1:
+        return None
+    word = re.sub(r"\^\{?([23])\}?$", lambda x: "", words[0]) if not power else words[0]
+    if word != words[0]:
+        power = words[0][-1]
+    name = _UNIT_CANON.get(word) or (_UNIT_CANON.get(word[:-1]) if word.endswith("s") and len(word) > 2 else None)
+    if name is None and word.endswith("es") and len(word) > 3:
+        name = _UNIT_CANON.get(word[:-2])
+    if name is None:
+        return None
+    return name + ("^" + power if power else "")
+
+
+# ----------------------------------------------------------------------------- forms
+_ASSIGNED_RE = re.compile(r"^\s*([A-Za-z](?:_\{?\w+\}?)?|\\[A-Za-z]+)\s*=(?!=)")
+
+
+def _assigned_name(s: str) -> str | None:
+    """The unknown of a single assignment "x = ..." ("x_1 = 2", "\\theta = \\pi"), else None."""
+    m = _ASSIGNED_RE.match(s)
+    if not m or s.count("=") != 1 or len(_split_parts(s, keep_thousands=True)) != 1:
+        return None
+    return re.sub(r"[{}\s]", "", m.group(1)).lower()
+
+
+_POINTS_RE = re.compile(r"^(?:\\(angle|triangle|measuredangle|square)\s*)?\{?\s*([A-Z]{2,8})\s*\}?$")
+
+
+def _point_names(s: str) -> tuple[str, str] | None:
+    """("angle"/"triangle"/"", letters) of a figure named by its points ("AB", "\\angle ABC"), else None."""
+    m = _POINTS_RE.match(_strip_text_commands(s).strip())
+    if not m:
+        return None
+    prefix = {"measuredangle": "angle"}.get(m.group(1) or "", m.group(1) or "")
+    return prefix, m.group(2)
+
+
+def _same_figure(a: tuple[str, str], b: tuple[str, str]) -> bool:
+    """A segment or an angle read backwards is the same ("AB" = "BA", "ABC" = "CBA"); a triangle's
+    vertices may come in any order; anything else names another figure."""
+    (pa, la), (pb, lb) = a, b
+    if pa and pb and pa != pb:
+        return False
+    if "triangle" in (pa, pb) and len(la) == len(lb) == 3:
+        return sorted(la) == sorted(lb)
+    return la == lb or la == lb[::-1]
+
+
+def _outer_bracket(s: str) -> str | None:
+    """'set' for "\\{...\\}" (not set-builder), 'tuple' for "(a, b)", 'interval' for "[a, b)" and the
+    like, 'vector' for a one-column or one-row matrix, when that bracket encloses the whole answer."""
+    s = s.strip()
+    if re.match(r"^\\begin\{[pbBvV]?matrix\}", s):
+        return "vector" if _vector_entries(s) is not None else None
+    if s.startswith("\\{") and s.endswith("\\}"):
+        inner = s[2:-2]
+        if "|" in inner or "\\mid" in inner or ":" in inner or not _encloses(s, 2):
+            return None
+        return "set"
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _encloses(s, 1):
+        return "tuple" if s[0] + s[-1] == "()" else "interval"
+    return None
+
+
+def _encloses(s: str, width: int) -> bool:
+    """Whether the opening bracket of ``s`` (``width`` characters) closes only at its very end."""
+    depth = 0
+    i = 0
+    while i < len(s):
+        ch = s[i]
+        if ch == "\\":
+            if s.startswith("\\{", i):
+                depth += 1
+            elif s.startswith("\\}", i):
+                depth -= 1
+            i += 2
+        else:
+            if ch in "([{":
+                depth += 1
+            elif ch in ")]}":
+                depth -= 1
+            i += 1
+        if depth == 0 and i < len(s) - (width - 1) and i >= width:
+            return False
+    return depth == 0
+
+
+_VECTOR_RE = re.compile(r"^\\begin\{([pbBvV]?matrix)\}(.*)\\end\{\1\}$", re.S)
+
+
+def _vector_entries(s: str) -> list[str] | None:
+    """The entries of a vector: a one-column or one-row matrix, or a parenthesised tuple of two or more."""
+    s = s.strip()
+    m = _VECTOR_RE.match(s)
+    if m:
+        body = m.group(2).strip()
+        if body.endswith(_ROW_BREAK):
+            body = body[: -len(_ROW_BREAK)]
+        rows = [r.strip() for r in body.split(_ROW_BREAK)]
+        if len(rows) > 1 and all("&" not in r for r in rows):
+            return rows
+        if len(rows) == 1 and "&" in rows[0]:
+            return [c.strip() for c in rows[0].split("&")]
+        return None
+    if _outer_bracket(s) == "tuple":
+        entries = _split_parts(s[1:-1], keep_thousands=True)
+        return entries if len(entries) >= 2 else None
+    return None
 
 
 def _score_number(answer: str, ref: str) -> str | None:
@@ -800,6 +1111,8 @@ def _score_number(answer: str, ref: str) -> str | None:
         parsed = _mv_parse(answer)
         if not parsed:
             return "parse_error"
+        if _false_equation(parsed[0]):
+            return "wrong"
         val = _sympy_float(_strip_pct(parsed[0]))
         pct = pct or _is_pct(parsed[0])
     if val is None:
@@ -841,7 +1154,29 @@ def _score_math(answer: str, ref: str) -> str:
     pred = _mv_parse(answer)
     if not pred:
         return "parse_error"
+    if _false_equation(pred[0]):
+        return "wrong"
     return "correct" if _mv_verify(gold, pred) else "wrong"
+
+
+def _false_equation(expr: Any) -> bool:
+    """An equation or chain of equations two of whose sides are numbers that differ ("3 = 7",
+    "x = 3 = 7"). math-verify keeps only the last right-hand side of an answer equation when the
+    reference is none, so "3 = 7" would be graded 7. A rounding step ("2\\sqrt{2} = 2.83") is no
+    contradiction: numbers within 1% count as equal here."""
+    try:
+        import sympy
+
+        if isinstance(expr, sympy.Eq):
+            equations = [expr]
+        elif isinstance(expr, sympy.And) and all(isinstance(a, sympy.Eq) for a in expr.args):
+            equations = list(expr.args)
+        else:
+            return False
+        values = [v for eq in equations for v in (_sympy_float(eq.lhs), _sympy_float(eq.rhs)) if v is not None]
+    except Exception:
+        return False
+    return any(abs(v - values[0]) > max(0.01 * max(abs(v), abs(values[0])), 1e-9) for v in values[1:])
 
 
 # ----------------------------------------------------------------------------- worker pool
