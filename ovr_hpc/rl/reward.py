@@ -422,9 +422,8 @@ def _clean(s: str) -> str:
     s = _ROW_BREAK.join(_clean_commands(part) for part in s.split(_ROW_BREAK))
     s = _LEADING_APPROX_RE.sub("", s.strip())
     # A lone trailing backslash escapes nothing (our own wrapping, "\\boxed{" + s + "}", would make it
-    # escape the closing brace): dropped. An even run is row breaks and stays.
-    if (len(s) - len(s.rstrip("\\"))) % 2:
-        s = s[:-1].rstrip()
+    # escape the closing brace), and a row break at the very end breaks nothing: dropped.
+    s = s.rstrip("\\").rstrip()
     while s and s[-1] in ".,;" and not s.endswith("\\."):
         s = s[:-1].rstrip()
     return _number_with_unit_words(s)
