@@ -26,6 +26,29 @@ def prompt_text(processor, prompt: Prompt) -> str:
     return processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
+def trim_completion(ids: list[int], end_ids: list[int], stop: list[str], decode: Callable[[list[int]], str]
+                    ) -> tuple[list[int], str, str]:
+    """A generated row -> (the completion's tokens, its text, finish reason). generate keeps a finished row
+    going with pad tokens while other rows generate: the completion ends at the first end-of-turn token or
+    at the token that completes a stop string, whichever comes first (its text cut right after the stop
+    string, as vLLM's include_stop_str_in_output does); with neither it is "length" (truncated)."""
+    end = next((j + 1 for j, t in enumerate(ids) if t in end_ids), None)
+    finish, ids = ("stop", ids[:end]) if end is not None else ("length", ids)
+    text = decode(ids)
+    if not any(s in text for s in stop):
+        return ids, text, finish
+    lo, hi = 1, len(ids)  # the shortest prefix holding a stop string: containment only grows with the prefix
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if any(s in decode(ids[:mid]) for s in stop):
+            hi = mid
+        else:
+            lo = mid + 1
+    text = decode(ids[:lo])
+    cut = min(text.index(s) + len(s) for s in stop if s in text)
+    return ids[:lo], text[:cut], "stop"
+
+
 class HFRolloutEngine:
     def __init__(self, model, processor, min_pixels: int, max_pixels: int, batch_size: int = 16):
         self.model = model.eval()
@@ -85,21 +108,16 @@ class HFRolloutEngine:
         if not greedy:
             logits = logits / params.temperature
         token_logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[..., None])[..., 0]
+
+        def decode(ids: list[int]) -> str:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
         for row in range(new_tokens.shape[0]):
             p = row // params.n
-            ids = new_tokens[row].tolist()
-            n_valid, finish = len(ids), "length"
-            for j, t in enumerate(ids):
-                if t in self.end_ids:
-                    n_valid, finish = j + 1, "stop"
-                    break
-            text = self.tokenizer.decode(ids[:n_valid], skip_special_tokens=True)
-            if finish == "length" and params.stop and any(text.endswith(s) for s in params.stop):
-                finish = "stop"
-            # generate pads finished rows: trailing pads are not part of the completion
+            ids, text, finish = trim_completion(new_tokens[row].tolist(), self.end_ids, params.stop, decode)
             prompt_ids = inputs["input_ids"][p][inputs["attention_mask"][p].bool()].tolist()
-            yield indices[p], Completion(indices[p], prompt_ids, ids[:n_valid], text, finish,
-                                         token_logprobs[row, :n_valid].tolist())
+            yield indices[p], Completion(indices[p], prompt_ids, ids, text, finish,
+                                         token_logprobs[row, :len(ids)].tolist())
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         state = dict(named_tensors)
