@@ -47,6 +47,9 @@ __all__ = [
 ]
 
 
+LOG_RATIO_BOUND = 20.0
+
+
 def _normalizer(mask: torch.Tensor, normalizer: float | torch.Tensor | None) -> torch.Tensor:
     if normalizer is None:
         return mask.sum().to(torch.float32).clamp_min(1.0)
@@ -71,7 +74,7 @@ def ppo_policy_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped PPO surrogate, token-level::
 
-        ratio_t = exp(logp_t - logp_old_t)
+        ratio_t = exp(clamp(logp_t - logp_old_t, -20, 20))
         l_t     = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps_low, 1 + eps_high))
         dual clip (c > 1, only where A_t < 0):  l_t = min(l_t, -c * A_t)
         loss    = sum_t mask_t * l_t / normalizer
@@ -99,6 +102,9 @@ def ppo_policy_loss(
     log_ratio = logprobs.to(torch.float32) - old_logprobs.detach().to(torch.float32)
     # Masked positions can hold garbage (e.g. -inf logprobs of padding): zero them before exp.
     log_ratio = torch.where(m > 0, log_ratio, torch.zeros_like(log_ratio))
+    # exp overflows past ~88 (inf * 0 = NaN in the loss); as peers do, clamp: beyond the bound the loss
+    # stays finite and the clamp's gradient is zero (it is in the clipped region there anyway)
+    log_ratio = log_ratio.clamp(-LOG_RATIO_BOUND, LOG_RATIO_BOUND)
     ratio = torch.exp(log_ratio)
     loss_unclipped = -adv * ratio
     loss_clipped = -adv * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)

@@ -238,3 +238,19 @@ def test_ppo_bandit_moves_probability_to_rewarded_token():
     p_end = float(torch.softmax(logits.detach(), -1)[2])
     assert p_start == pytest.approx(0.25)
     assert p_end > 0.8, p_end
+
+
+def test_ppo_huge_log_ratio_gives_a_finite_loss_and_no_gradient():
+    # reachable with several policy updates per step: a token whose probability rose by e^100
+    logp = torch.tensor([[100.0, -1.0, -120.0]], requires_grad=True)
+    old = torch.tensor([[0.0, -1.0, 0.0]])
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    mask = torch.ones(1, 3)
+    loss, stats = ppo_policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in stats.values())
+    # token 0: A > 0, ratio e^20 >> 1.2 -> clipped: loss -1.2, no gradient; token 1: ratio 1, gradient -A/3;
+    # token 2: A < 0, ratio e^-20 << 0.8 -> clipped: loss 0.8, no gradient
+    assert torch.allclose(loss, torch.tensor((-1.2 - 1.0 + 0.8) / 3))
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, -1.0 / 3, 0.0]]))
+    assert float(stats["ratio_max"]) == pytest.approx(math.exp(20.0))
