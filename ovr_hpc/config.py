@@ -465,7 +465,8 @@ class AlgorithmConfig:
     lam: float = 1.0
     """GAE lambda (paper: 1)."""
     normalize_advantages: bool = True
-    """Batch-level advantage whitening over all response tokens of the step (paper)."""
+    """Batch-level whitening of the GAE advantages over all response tokens of the step (paper). GRPO's
+    advantages are group-normalised already and never whitened again (a group with equal rewards keeps 0)."""
     clip_eps: float = 0.2
     """PPO ratio clip (ORZ default)."""
     clip_eps_high: Optional[float] = None
@@ -483,7 +484,8 @@ class AlgorithmConfig:
     policy_updates_per_step: int = 1
     """Policy optimizer steps per iteration, each over the whole batch (paper: 1, strictly on-policy)."""
     critic_updates_per_step: int = 4
-    """Critic optimizer steps per iteration (paper: 4)."""
+    """Critic optimizer steps per iteration (paper: 4), as in ORZ's critic_update_steps: one pass over the step's
+    samples, shuffled and split into this many mini-batches, an optimizer step on each."""
     max_tokens_per_microbatch: int = 16384
     """Token budget of one packed forward/backward on a rank."""
     reward_workers: int = 4

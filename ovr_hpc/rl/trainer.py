@@ -53,6 +53,39 @@ def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
     return batches
 
 
+def minibatch_split(n: int, parts: int, seed: int) -> list[list[int]]:
+    """range(n) shuffled (from `seed`) into `parts` mini-batches as equal as can be, each in index order;
+    more parts than items leaves some empty (every rank still steps the same number of times)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return [sorted(chunk.tolist()) for chunk in torch.tensor_split(order, parts)]
+
+
+def step_advantages(alg, rewards: list[float], values: list[torch.Tensor], response_len: list[int],
+                    group_size: int, world_sum) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """Per-sample advantages and returns of one step, and the global number of response tokens.
+
+    gae: the reward on the last token, GAE (gamma = lambda = 1: A_t = R - V_t, return R), then whitened
+    over every response token of the global batch (ORZ's batch-level normalisation). grpo: each group's
+    rewards normalised by its own mean and std, broadcast to the tokens, not whitened again (verl's GRPO:
+    a group whose rewards are all equal gets 0). `world_sum` sums a list of numbers over the data-parallel
+    replicas (the identity on one process)."""
+    rewards_t = torch.tensor(rewards, dtype=torch.float32)
+    mask = torch.nn.utils.rnn.pad_sequence([torch.ones(n) for n in response_len], batch_first=True)
+    if alg.advantage == "gae":
+        padded_values = torch.nn.utils.rnn.pad_sequence(values, batch_first=True)
+        token_rewards = adv_fns.outcome_rewards_to_tokens(rewards_t, mask)
+        advantages, returns = adv_fns.gae(token_rewards, padded_values, mask, alg.gamma, alg.lam)
+    else:
+        group_adv = adv_fns.grpo_advantages(rewards_t.view(-1, group_size))
+        advantages = adv_fns.broadcast_to_tokens(group_adv.reshape(-1), mask)
+        returns = torch.zeros_like(advantages)
+    sums = torch.tensor(world_sum(adv_fns.masked_moment_sums(advantages, mask).tolist()), dtype=torch.float64)
+    if alg.advantage == "gae" and alg.normalize_advantages:
+        advantages = adv_fns.normalize_advantages(advantages, mask, stats=adv_fns.moments_from_sums(sums))
+    return ([advantages[i, :n] for i, n in enumerate(response_len)],
+            [returns[i, :n] for i, n in enumerate(response_len)], float(sums[2]))
+
+
 def scatter_to_positions(per_sample: list[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
     """Per-sample response vectors -> one [T] tensor at the packed row's loss positions (0 elsewhere)."""
     out = torch.zeros(targets.shape[0], dtype=torch.float32, device=targets.device)
@@ -230,24 +263,11 @@ def train(cfg: RLConfig) -> dict:
                 batch.ref_logprobs += gather_from_positions(rlp, mb.targets, [batch.response_len[i] for i in g])
         times["logprobs"] = time.perf_counter() - t
 
-        # ---- 4. advantages (GAE over tokens, or group-normalised rewards), normalised over the global batch
-        rewards = torch.tensor(batch.rewards, dtype=torch.float32)
-        padded_mask = torch.nn.utils.rnn.pad_sequence([torch.ones(n) for n in batch.response_len], batch_first=True)
-        if alg.advantage == "gae":
-            values = torch.nn.utils.rnn.pad_sequence(batch.values, batch_first=True)
-            token_rewards = adv_fns.outcome_rewards_to_tokens(rewards, padded_mask)
-            advantages, returns = adv_fns.gae(token_rewards, values, padded_mask, alg.gamma, alg.lam)
-        else:
-            group_adv = adv_fns.grpo_advantages(rewards.view(-1, ro.samples_per_prompt))
-            advantages = adv_fns.broadcast_to_tokens(group_adv.reshape(-1), padded_mask)
-            returns = torch.zeros_like(advantages)
-        sums = adv_fns.masked_moment_sums(advantages, padded_mask)
-        sums = torch.tensor(dist.all_reduce_sum(sums.tolist()), dtype=torch.float64) / policy.model_parallel_size
-        if alg.normalize_advantages:
-            advantages = adv_fns.normalize_advantages(advantages, padded_mask, stats=adv_fns.moments_from_sums(sums))
-        batch.advantages = [advantages[i, :n] for i, n in enumerate(batch.response_len)]
-        batch.returns = [returns[i, :n] for i, n in enumerate(batch.response_len)]
-        num_tokens_global = float(sums[2])
+        # ---- 4. advantages: GAE over tokens, whitened over the global batch (ORZ); or GRPO's group-normalised
+        #         rewards as they are (verl): a group whose rewards are all equal teaches nothing
+        batch.advantages, batch.returns, num_tokens_global = step_advantages(
+            alg, batch.rewards, batch.values, batch.response_len, ro.samples_per_prompt,
+            lambda xs: [x / policy.model_parallel_size for x in dist.all_reduce_sum(xs)])
         normalizer = num_tokens_global / policy.loss_scale_for_mean()
 
         # ---- 5. policy update(s): token-level PPO over the global batch
@@ -279,24 +299,32 @@ def train(cfg: RLConfig) -> dict:
             policy.step()
         times["policy_update"] = time.perf_counter() - t
 
-        # ---- 6. critic updates
+        # ---- 6. critic updates: one pass over the step's samples in `critic_updates_per_step` shuffled
+        #         mini-batches, an optimizer step each (ORZ's critic_update_steps)
         t = time.perf_counter()
-
-        def critic_loss(j, v):
-            g, mb = groups[j], micro[j]
-            mask = (mb.targets != IGNORE_INDEX).float()
-            old_v = scatter_to_positions([batch.values[i] for i in g], mb.targets)
-            ret = scatter_to_positions([batch.returns[i] for i in g], mb.targets)
-            return losses.value_loss(v, old_v, ret, mask, alg.value_clip, normalizer=normalizer)
-
-        critic_stats, update_stats = defaultdict(float), []
+        critic_stats = defaultdict(float)
         if critic is not None:
-            for _ in range(alg.critic_updates_per_step):
-                update_stats = critic.forward_backward(micro, critic_loss)
+            order = minibatch_split(len(batch.samples), alg.critic_updates_per_step,
+                                    seed=cfg.seed * 1_000_003 + step * 1009 + policy.dp_rank)
+            for samples in order:
+                mb_groups = token_budget_batches([lengths[i] for i in samples], alg.max_tokens_per_microbatch)
+                mb_groups = [[samples[i] for i in g] for g in mb_groups]
+                mb_groups += [[] for _ in range(max(1, int(dist.all_reduce_max(len(mb_groups)))) - len(mb_groups))]
+                mb_micro = [make_micro_batch(collator, batch, g) for g in mb_groups]
+                mb_tokens = dist.all_reduce_sum([float(sum(batch.response_len[i] for i in samples))])[0]
+                mb_normalizer = mb_tokens / policy.model_parallel_size / critic.loss_scale_for_mean()
+
+                def critic_loss(j, v, mb_groups=mb_groups, mb_micro=mb_micro, mb_normalizer=mb_normalizer):
+                    g, mb = mb_groups[j], mb_micro[j]
+                    mask = (mb.targets != IGNORE_INDEX).float()
+                    old_v = scatter_to_positions([batch.values[i] for i in g], mb.targets)
+                    ret = scatter_to_positions([batch.returns[i] for i in g], mb.targets)
+                    return losses.value_loss(v, old_v, ret, mask, alg.value_clip, normalizer=mb_normalizer)
+
+                for stats in critic.forward_backward(mb_micro, critic_loss):
+                    for k, v in stats.items():
+                        critic_stats[k] += v
                 critic.step()
-            for stats in update_stats:  # of the last update
-                for k, v in stats.items():
-                    critic_stats[k] += v
         times["critic_update"] = time.perf_counter() - t
 
         # ---- 7. the new policy's weights to the rollout engine

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from ovr_hpc.data.dataset import IGNORE_INDEX
-from ovr_hpc.rl.trainer import gather_from_positions, scatter_to_positions, token_budget_batches
+from ovr_hpc.config import AlgorithmConfig
+from ovr_hpc.rl.trainer import (gather_from_positions, minibatch_split, scatter_to_positions, step_advantages,
+                               token_budget_batches)
 from tests.conftest import REPO
 
 RL_CONFIG = os.path.join(REPO, "configs", "tiny", "rl.yaml")
@@ -28,6 +30,44 @@ def test_scatter_and_gather_are_inverse():
     assert [t.tolist() for t in gather_from_positions(flat, targets, [2, 1])] == [[1.0, 2.0], [3.0]]
     with pytest.raises(RuntimeError, match="3 response values for 2 loss positions"):
         scatter_to_positions(per_sample, targets[:4])
+
+
+def test_minibatch_split_is_one_shuffled_pass():
+    parts = minibatch_split(10, 4, seed=3)
+    assert [len(p) for p in parts] == [3, 3, 2, 2]
+    assert sorted(i for p in parts for i in p) == list(range(10))  # every sample once: one pass
+    assert all(p == sorted(p) for p in parts)
+    assert parts == minibatch_split(10, 4, seed=3) and parts != minibatch_split(10, 4, seed=4)
+    assert [len(p) for p in minibatch_split(2, 4, seed=0)] == [1, 1, 0, 0]  # every rank still steps 4 times
+
+
+def _same(xs):
+    return xs
+
+
+def test_grpo_advantages_are_group_normalised_and_not_whitened_again():
+    alg = AlgorithmConfig(advantage="grpo", normalize_advantages=True)
+    rewards = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]  # group 2: all right, nothing to learn from it
+    adv, returns, n = step_advantages(alg, rewards, [], [2, 1, 3, 1, 2, 2, 1, 1], 4, _same)
+    std = torch.tensor([1.0, 0, 0, 0]).std().item()
+    assert torch.allclose(adv[0], torch.full((2,), 0.75 / (std + 1e-6)))
+    assert torch.allclose(adv[1], torch.full((1,), -0.25 / (std + 1e-6)))
+    assert all(float(a.abs().sum()) == 0 for a in adv[4:])
+    assert n == 13 and all(float(r.abs().sum()) == 0 for r in returns)
+
+
+def test_gae_advantages_are_whitened_over_the_world_batch():
+    alg = AlgorithmConfig(advantage="gae", normalize_advantages=True)
+    values = [torch.tensor([0.5, 0.5]), torch.tensor([0.2]), torch.tensor([0.0, 0.1, 0.2])]
+    raw = torch.cat([1 - values[0], 0 - values[1], 1 - values[2]])  # gamma = lambda = 1: A_t = R - V_t
+    adv, returns, n = step_advantages(alg, [1.0, 0.0, 1.0], values, [2, 1, 3], 1, _same)
+    flat = torch.cat(adv)
+    assert torch.allclose(flat, (raw - raw.mean()) / raw.var(unbiased=False).add(1e-8).sqrt(), atol=1e-6)
+    assert [r.tolist() for r in returns] == [[1.0, 1.0], [0.0], [1.0, 1.0, 1.0]] and n == 6
+    # the statistics are the world's: a second replica with the same batch changes nothing, one with
+    # another batch does
+    twice = step_advantages(alg, [1.0, 0.0, 1.0], values, [2, 1, 3], 1, lambda xs: [2 * x for x in xs])
+    assert torch.allclose(torch.cat(twice[0]), flat) and twice[2] == 12
 
 
 @pytest.mark.slow
@@ -195,6 +235,46 @@ def test_rl_stop_during_rollouts_saves_the_step_start_and_resumes_exactly(tiny_m
     assert train(cfg(half))["status"] == "completed"
     keys = ["reward", "response_length", "policy/pg_loss", "critic/vf_loss", "max_response_len"]
     assert [[m[k] for k in keys] for m in read_metrics(half)] == [[m[k] for k in keys] for m in read_metrics(full)]
+
+
+@pytest.mark.slow
+def test_critic_updates_are_one_pass_in_shuffled_minibatches(tiny_model_dir, color_file, tmp_path, monkeypatch):
+    """critic_updates_per_step = N (ORZ's critic_update_steps): the step's samples once, in N mini-batches with
+    an optimizer step each; the policy: one update over all of them."""
+    from ovr_hpc.config import load_config
+    from ovr_hpc.engines.deepspeed import DeepSpeedEngine
+    from ovr_hpc.local import free_port
+    from ovr_hpc.rl.trainer import train
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(k, raising=False)
+    if not torch.distributed.is_initialized():
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    calls = []
+    real_fb, real_step = DeepSpeedEngine.forward_backward, DeepSpeedEngine.step
+
+    def forward_backward(self, micro_batches, loss_fn, **kwargs):
+        tokens = sum(int((mb.targets != IGNORE_INDEX).sum()) for mb in micro_batches)
+        calls.append(("fb", "policy" if kwargs else "critic", tokens))
+        return real_fb(self, micro_batches, loss_fn, **kwargs)
+
+    def step(self):
+        calls.append(("step", calls[-1][1], 0))
+        return real_step(self)
+
+    monkeypatch.setattr(DeepSpeedEngine, "forward_backward", forward_backward)
+    monkeypatch.setattr(DeepSpeedEngine, "step", step)
+    out = str(tmp_path / "run")
+    cfg = load_config("rl", RL_CONFIG, _rl_overrides(tiny_model_dir, color_file, out, "schedule.max_steps=1",
+                                                     "parallel.zero_stage=2", "rollout.samples_per_prompt=3",
+                                                     "algorithm.critic_updates_per_step=4"))
+    assert train(cfg)["status"] == "completed"
+    policy = [c for c in calls if c[1] == "policy"]
+    critic = [c for c in calls if c[1] == "critic"]
+    assert [c[0] for c in policy] == ["fb", "step"]
+    assert [c[0] for c in critic] == ["fb", "step"] * 4
+    # 12 samples in 4 mini-batches of 3: together exactly the tokens the policy trained on, once
+    assert sum(c[2] for c in critic) == policy[0][2] and all(c[2] > 0 for c in critic if c[0] == "fb")
 
 
 def test_rl_prompts_are_checked_once_split_over_ranks(tiny_model_dir, processor, tmp_path, monkeypatch):
