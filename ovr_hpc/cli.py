@@ -7,6 +7,7 @@
     ovr-hpc check STAGE CONFIG [key=value ...]    validate a config and print it resolved (no torch import)
     ovr-hpc submit STAGE CONFIG [options] [key=value ...]   submit through submitit
     ovr-hpc data check FILE [FILE ...]            report malformed records without training
+    ovr-hpc grade FILE.jsonl [options]            the RL reward over (response, reference) pairs; audit references
     ovr-hpc export CHECKPOINT OUT_DIR             Hugging Face model from a training checkpoint
     ovr-hpc tiny-model OUT_DIR                    a random-init tiny Qwen2.5-VL, tokenizer and processor
     ovr-hpc synth-data {sft,rl} OUT.jsonl         synthetic arithmetic reasoning records
@@ -106,8 +107,7 @@ def _synth_data(args) -> int:
 def _demo(args) -> int:
     from ovr_hpc.demo import run_demo
 
-    report = run_demo(args.out, nprocs=args.nprocs)
-    print(report)
+    run_demo(args.out, nprocs=args.nprocs, seed=args.seed)
     return 0
 
 
@@ -145,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kind", choices=["sft", "rl"], default="sft")
     q.set_defaults(func=_data_check)
 
+    p = sub.add_parser("grade", help="grade a JSONL of (response, reference) pairs with the RL reward; verdict counts")
+    p.add_argument("file")
+    p.add_argument("--response-key", default="response")
+    p.add_argument("--reference-key", default="answer")
+    p.add_argument("--answer-type-key", default="answer_type")
+    p.add_argument("--references-only", action="store_true",
+                   help="audit each reference alone: parses, several boxed parts, empty")
+    p.add_argument("--out", help="write one verdict per line (JSONL) here")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per line")
+    p.set_defaults(func=lambda a: __import__("ovr_hpc.rl.grade", fromlist=["grade_command"]).grade_command(a))
+
     p = sub.add_parser("export", help="write a Hugging Face model from a checkpoint")
     p.add_argument("checkpoint", help="OUTPUT_DIR/checkpoints/step_N (or .../latest, or OUTPUT_DIR)")
     p.add_argument("out_dir")
@@ -165,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="tiny cold start (+ RL) end to end on this machine")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--nprocs", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0, help="seeds the whole pipeline: model init, data, both stages")
     p.set_defaults(func=_demo)
     return parser
 

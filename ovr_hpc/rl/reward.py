@@ -101,6 +101,8 @@ __all__ = [
     "extract_last_boxed",
     "extract_boxed_parts",
     "reference_parts",
+    "check_reference",
+    "REFERENCE_VERDICTS",
     "RewardPool",
     "MAX_RESPONSE_CHARS",
     "MAX_ANSWER_CHARS",
@@ -821,6 +823,48 @@ def _split_parts(s: str, *, keep_thousands: bool) -> list[str]:
         i += 1
     pieces.append(s[start:].strip())
     return [p for p in pieces if p]
+
+
+REFERENCE_VERDICTS = ("ok", "multi_box", "empty", "too_long", "unbalanced", "unparsed", "timeout")
+
+
+def check_reference(reference: Any, *, timeout_s: float | None = DEFAULT_TIMEOUT_S) -> str:
+    """Audit one reference alone; one of :data:`REFERENCE_VERDICTS`.
+
+    "ok": math-verify parses it, or it is a choice letter or words (compared as text); "multi_box":
+    several boxed parts, so a response must give all of them (see :func:`reference_parts`); "empty":
+    nothing to grade against (also a non-string); "too_long": over MAX_REFERENCE_CHARS; "unbalanced":
+    a ``\\boxed{`` never closed; "unparsed": math-verify reads no answer in it, so responses are
+    compared with it as plain text only; "timeout": parsing it ran past ``timeout_s``."""
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        reference = repr(reference)
+    if not isinstance(reference, str) or not reference.strip():
+        return "empty"
+    if len(reference) > MAX_REFERENCE_CHARS:
+        return "too_long"
+    if ("\\boxed" in reference or "\\fbox" in reference) and extract_boxed_parts(reference)[1] == "parse_error":
+        return "unbalanced"
+    parts = reference_parts(reference)
+    if not parts:
+        return "empty"
+
+    def parse_all() -> RewardResult:
+        for part in parts:
+            readable = (_choice_letters(part, strict=True) or _word_answer(part) is not None
+                        or (not _too_complex(part) and _gold(part)))
+            if not readable:
+                return _result("parse_error")
+        return _result("correct")
+
+    try:
+        res = _call_with_time_limit(parse_all, timeout_s)
+    except Exception:
+        return "unparsed"
+    if res.reason == "timeout":
+        return "timeout"
+    if res.reason != "correct":
+        return "unparsed"
+    return "multi_box" if len(parts) > 1 else "ok"
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -466,6 +466,11 @@ MULTI_BOX = [
 TABLE = [(kind, *case) for kind, cases in CASES.items() for case in cases]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def warm():
+    score("\\boxed{1}", "1")  # sympy / math-verify imports are not a case's time
+
+
 def test_table_is_large_and_has_near_misses():
     assert len(TABLE) >= 400
     for kind, cases in CASES.items():
@@ -487,3 +492,27 @@ def test_reward_table(kind, answer, reference, expected, answer_type, note):
 @pytest.mark.parametrize("reference,response,expected", MULTI_BOX)
 def test_several_boxes(reference, response, expected):
     assert score(response, reference).correct is expected
+
+
+def test_never_evaluates_text_as_code(monkeypatch):
+    # sympy evaluates strings only through parse_expr -> eval_expr (sympify of a string goes there too).
+    # The one path grading takes there is math-verify's LaTeX parser turning a token its grammar lexed as a
+    # number into sympy.Number("12.5") (and sympy's own imports declaring unit symbols): only number
+    # literals and plain names ever reach eval, never the text of an answer or a reference.
+    import re
+
+    import sympy.parsing.sympy_parser as sympy_parser
+
+    calls = []
+    real = sympy_parser.eval_expr
+    monkeypatch.setattr(sympy_parser, "eval_expr", lambda code, *a: calls.append(code) or real(code, *a))
+    payloads = ["__import__('os').system('true')", "eval('1+1')", "lambda: 2", "exec('x=1')", "x.__class__",
+                "(1).__class__.__bases__", "open('/etc/passwd').read()"]
+    for payload in payloads:
+        for ref in ("2", payload, "\\boxed{2} and \\boxed{3}"):
+            score("\\boxed{" + payload + "}", ref)
+            score("\\boxed{" + payload + "}", ref, answer_type="number")
+    for _kind, answer, reference, _expected, answer_type, _note in TABLE:
+        score("\\boxed{" + answer + "}", reference, answer_type=answer_type)
+    literal = re.compile(r"^(?:Integer \(\d+ \)|Float \('[\d.eE+-]+' \)|Symbol \('\w+' \))$")
+    assert calls and all(literal.match(code) for code in calls), [c for c in calls if not literal.match(c)]
