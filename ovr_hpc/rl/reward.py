@@ -1022,7 +1022,9 @@ def _unit_of(s: str) -> str | None:
     if not m:
         return None
     value = s[:m.start()].strip()
-    if not _UNIT_VALUE_RE.match(value):
+    # A unit in a text command follows any value ("2\\pi\\text{ cm}"); bare letters only a plain number
+    # ("5 cm"), since "2x" is no unit.
+    if not (_UNIT_VALUE_RE.match(value) or (m.group(1) is not None and value and value[-1] not in "+-*/=^_({[,")):
         return None
     words = (m.group(1) if m.group(1) is not None else m.group(2)).strip().lower().split()
     power = m.group(3) or {"\u00b2": "2", "\u00b3": "3"}.get(m.group(4) or "", "")
