@@ -4,11 +4,11 @@
     ovr-hpc eval CONFIG [key=value ...]           evaluate a model or checkpoint on benchmarks (ranks split them)
     ovr-hpc behaviors RESPONSES.jsonl [options]   cognitive behaviours in eval responses (judge or --keyword)
     ovr-hpc plot RUN_DIR [RUN_DIR ...]            training curves, behaviour rates over checkpoints (PNGs)
-    ovr-hpc check STAGE CONFIG [key=value ...]    validate a config and print it resolved (no torch import)
+    ovr-hpc check STAGE CONFIG [key=value ...]    every pre-run check; print the run resolved (no torch import)
     ovr-hpc submit STAGE CONFIG [options] [key=value ...]   submit through submitit
     ovr-hpc data check FILE [FILE ...]            report malformed records without training
     ovr-hpc grade FILE.jsonl [options]            the RL reward over (response, reference) pairs; audit references
-    ovr-hpc export CHECKPOINT OUT_DIR             Hugging Face model from a training checkpoint
+    ovr-hpc export RUN [STEP] OUT_DIR             Hugging Face model from a training checkpoint
     ovr-hpc tiny-model OUT_DIR                    a random-init tiny Qwen2.5-VL, tokenizer and processor
     ovr-hpc synth-data {sft,rl} OUT.jsonl         synthetic arithmetic reasoning records
     ovr-hpc demo [--out DIR]                      the tiny two-stage pipeline end to end
@@ -22,46 +22,27 @@ import sys
 
 import ovr_hpc.eval.config  # noqa: F401 - registers the "eval" stage (no torch import)
 from ovr_hpc.config import ConfigError, dump_config, load_config
+from ovr_hpc.run import run_stage  # noqa: F401 - the entry point every launcher ends in (ovr_hpc/run.py)
 
 TRAIN_STAGES = ("coldstart", "rl")
 STAGES = TRAIN_STAGES + ("eval",)
 
 
-def run_stage(stage: str, config_path: str, overrides: list[str]) -> int:
-    """The one entry point every launcher ends in (sbatch/srun, submitit, torchrun, local). Returns an exit code."""
-    from ovr_hpc import dist
-
-    dist.catch_stop_signals()
-    config = load_config(stage, config_path, overrides)
-    if stage == "coldstart":
-        from ovr_hpc.sft.trainer import train
-    elif stage == "rl":
-        from ovr_hpc.rl.trainer import train
-    elif stage == "eval":
-        from ovr_hpc.eval.runner import run_eval as train
-    else:  # pragma: no cover - guarded by load_config
-        raise ConfigError(f"stage {stage!r} has no trainer")
-    try:
-        result = train(config)
-    finally:
-        dist.shutdown()
-        dist.ignore_stop_signals()
-    if result["status"] == "preempted":
-        from ovr_hpc.dist import EXIT_REQUEUE
-
-        return EXIT_REQUEUE
-    return 0
-
-
 def _check(args) -> int:
-    config = load_config(args.stage, args.config, args.overrides)
-    if args.world_size:
-        config.validate_world(args.world_size)
-        if args.stage in TRAIN_STAGES:
-            from ovr_hpc.checkpoint import check_resume_layout
+    from ovr_hpc import preflight
 
-            check_resume_layout(config, args.world_size)
-    if not args.quiet:
+    config = load_config(args.stage, args.config, args.overrides)
+    if args.sbatch_script:
+        launch = preflight.sbatch_launch(args.sbatch_script, args.sbatch_args or "")
+    else:
+        launch = preflight.Launch(ranks=args.world_size or None, gpus_per_node=args.gpus_per_node or None,
+                                  tasks_per_node=args.tasks_per_node or None)
+    result = preflight.check(args.stage, config, launch)
+    if args.quiet:
+        for note in result.notes:
+            print(f"ovr-hpc: note: {note}", file=sys.stderr)
+    else:
+        print("".join(f"# {line}\n" for line in result.summary()), end="")
         print(dump_config(config), end="")
     return 0
 
@@ -71,18 +52,60 @@ def _data_check(args) -> int:
 
     from ovr_hpc.data.records import read_records
 
+    missing = [f for f in args.files if not os.path.isfile(f)]
+    if missing:
+        print(f"ovr-hpc data check: {', '.join(missing)}: no such file (relative to {os.getcwd()})", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as image_dir:  # for images embedded in Parquet, while they are checked
         records, report = read_records(args.files, kind=args.kind, check_images=True, image_dir=image_dir)
     print(report.format())
     print(f"{len(records)} usable records")
+    other = {"sft": "rl", "rl": "sft"}[args.kind]
+    if report.num_bad and not records and _looks_like(args.files, other):
+        flag = "--kind rl" if other == "rl" else "--kind sft (the default)"
+        print(f"ovr-hpc data check: every record is bad as a {args.kind} record, but these look like {other} records "
+              f"({'problem / answer' if other == 'rl' else 'messages'}): check them with `ovr-hpc data check {flag} "
+              f"{' '.join(args.files)}`", file=sys.stderr)
     return 0 if report.num_bad == 0 else 1
 
 
-def _export(args) -> int:
-    from ovr_hpc.checkpoint import export_hf
+def _looks_like(files: list[str], kind: str) -> bool:
+    """The first record of the first JSONL file has the fields of `kind` (rl: problem/question + answer;
+    sft: messages/conversations)."""
+    import json
 
-    out = export_hf(args.checkpoint, args.out_dir)
-    print(f"wrote {out}")
+    for path in files:
+        if not path.endswith((".jsonl", ".json")):
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    try:
+                        record = json.loads(line.lstrip("\ufeff"))
+                    except ValueError:
+                        return False
+                    if not isinstance(record, dict):
+                        return False
+                    if kind == "rl":
+                        return bool({"problem", "question"} & record.keys()) and "answer" in record
+                    return bool({"messages", "conversations"} & record.keys())
+    return False
+
+
+def _export(args) -> int:
+    from ovr_hpc.checkpoint import export_hf, resolve_checkpoint, step_name
+
+    if len(args.rest) not in (1, 2):
+        print("usage: ovr-hpc export CHECKPOINT [STEP] OUT_DIR", file=sys.stderr)
+        return 2
+    step, out_dir = (None, args.rest[0]) if len(args.rest) == 1 else args.rest
+    try:
+        source = resolve_checkpoint(args.checkpoint, step)
+        export_hf(source, out_dir)
+    except (FileNotFoundError, FileExistsError) as e:
+        print(f"ovr-hpc export: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {step_name(source)} ({source}/hf) to {out_dir}")
     return 0
 
 
@@ -131,7 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.add_argument("--world-size", type=int, default=0,
                    help="also check the batch layout, and that the latest checkpoint loads, for this many ranks")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--gpus-per-node", type=int, default=0, help="with --tasks-per-node: no two ranks on one GPU")
+    p.add_argument("--tasks-per-node", type=int, default=0, help="ranks per node (the job's --ntasks-per-node)")
+    p.add_argument("--sbatch-script", default=None,
+                   help="take the ranks from this script's #SBATCH lines and --sbatch-args (the sbatch scripts)")
+    p.add_argument("--sbatch-args", default=None, help="the sbatch options given, shell-quoted in one string")
+    p.add_argument("--quiet", action="store_true", help="print only errors and notes, not the resolved config")
     p.set_defaults(func=_check)
 
     p = sub.add_parser("submit", help="submit a stage through submitit (see `ovr-hpc submit -h`)", add_help=False)
@@ -154,11 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="audit each reference alone: parses, several boxed parts, empty")
     p.add_argument("--out", help="write one verdict per line (JSONL) here")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per line")
-    p.set_defaults(func=lambda a: __import__("ovr_hpc.rl.grade", fromlist=["grade_command"]).grade_command(a))
+    p.set_defaults(func=lambda a: __import__("ovr_hpc.grading.audit", fromlist=["grade_command"]).grade_command(a))
 
     p = sub.add_parser("export", help="write a Hugging Face model from a checkpoint")
-    p.add_argument("checkpoint", help="OUTPUT_DIR/checkpoints/step_N (or .../latest, or OUTPUT_DIR)")
-    p.add_argument("out_dir")
+    p.add_argument("checkpoint", help="OUTPUT_DIR (a run), OUTPUT_DIR/checkpoints/step_N or .../latest")
+    p.add_argument("rest", nargs="+", metavar="[STEP] OUT_DIR",
+                   help="STEP: step_N, N or latest of the run (default: CHECKPOINT itself, or its latest)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("tiny-model", help="write a random-init tiny Qwen2.5-VL (HF format)")
@@ -182,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["submit"]:  # its own parser (`ovr-hpc submit --help` included)
+        from ovr_hpc.launch import cli_main
+
+        return cli_main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides after an option (`check CONFIG --world-size 8 a.b=1`) are still overrides

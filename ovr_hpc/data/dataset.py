@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from ovr_hpc.data.cache import cache_key, wait_for_file
+from ovr_hpc.data.errors import BadRecord
 from ovr_hpc.data.packing import one_per_row, pack_best_fit
-from ovr_hpc.data.records import BadRecord, DataReport, read_records
+from ovr_hpc.data.records import DataReport, read_records
 from ovr_hpc.data.templates import IMAGE_PAD, TokenizedSample, to_chat_messages, tokenize_chat, truncate
 from ovr_hpc.data.vision import MERGE_SIZE, load_image, num_image_tokens
 

@@ -22,25 +22,17 @@ import hashlib
 import json
 import math
 import os
-import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from ovr_hpc.data.errors import BadRecord
+from ovr_hpc.grading.choices import LETTERS, answer_letter, choice_lines
+
 IMAGE_PLACEHOLDER = "<image>"
-LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"   # option letters of multiple-choice questions
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED = 20  # examples printed per report; every bad record is still counted
-
-
-class BadRecord(Exception):
-    """A record that cannot be used. `kind` is a short code for counting."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
-        self.message = message
 
 
 @dataclass
@@ -268,35 +260,6 @@ def validate_sft(obj: dict) -> int:
     if messages[-1]["role"] != "assistant":
         raise BadRecord("bad_message", "the last message must be the assistant's")
     return n_slots
-
-
-def letter_of(answer: str, choices: list[str]) -> str | None:
-    """The option letter an answer names: itself ("B", "(B)") or the text of one of the choices."""
-    a = answer.strip()
-    m = re.fullmatch(r"\(?([A-Z])\)?\.?", a)
-    if m and (not choices or LETTERS.index(m.group(1)) < len(choices)):
-        return m.group(1)
-    for i, c in enumerate(choices):
-        if c.strip() == a:
-            return LETTERS[i]
-    return None
-
-
-def answer_letter(answer: Any, choices: list[str]) -> str:
-    """The letter of a multiple-choice answer given as an option's index, its letter or its text."""
-    if isinstance(answer, int) and not isinstance(answer, bool):
-        if not 0 <= answer < len(choices):
-            raise BadRecord("bad_answer", f"answer index {answer} outside {len(choices)} options")
-        return LETTERS[answer]
-    letter = letter_of(str(answer), choices)
-    if letter is None:
-        raise BadRecord("bad_answer", f"answer {str(answer)[:80]!r} is none of the options")
-    return letter
-
-
-def choice_lines(choices: list[str]) -> str:
-    """Options as the prompt shows them: one "A. text" line each."""
-    return "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
 
 
 def _with_choices(obj: dict) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ovr_hpc.data.records import IMAGE_PLACEHOLDER, BadRecord
+from ovr_hpc.data.errors import BadRecord
+from ovr_hpc.data.records import IMAGE_PLACEHOLDER
 from ovr_hpc.data.vision import num_image_tokens
 
 IMAGE_PAD = "<|image_pad|>"

@@ -12,7 +12,7 @@ import time
 
 from PIL import Image, UnidentifiedImageError
 
-from ovr_hpc.data.records import BadRecord
+from ovr_hpc.data.errors import BadRecord
 
 PATCH_SIZE = 14
 MERGE_SIZE = 2

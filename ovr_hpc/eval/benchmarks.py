@@ -9,7 +9,7 @@ texts of a multiple-choice question and, where the benchmark aggregates over sev
 missing image, answer that is none of the options) is reported with its file and row and counted,
 never silently dropped.
 
-Scoring goes through the RL reward (`ovr_hpc.rl.reward.score`, in a `RewardPool`): the last \\boxed{}
+Scoring goes through the RL reward (`ovr_hpc.grading.score`, in a `RewardPool`): the last \\boxed{}
 answer against the reference. Multiple-choice questions accept the boxed letter, or the boxed text of
 the right option. Aggregations: avg@n and pass@k everywhere; DynaMath worst case over variants; WeMath
 strict and loose four-dimensional scores.
@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 from ovr_hpc.config import ConfigError
-from ovr_hpc.data.records import (LETTERS, BadRecord, DataReport, answer_letter, choice_lines, embedded_image,
-                                  letter_of)
+from ovr_hpc.data.errors import BadRecord
+from ovr_hpc.data.records import DataReport, embedded_image
+from ovr_hpc.grading import LETTERS, answer_letter, choice_lines, letter_of
 
 MC = "multiple_choice"
 NUMBER = "number"
@@ -74,7 +75,7 @@ class EvalSample:
     id: str
     question: str
     answer: str
-    answer_type: str  # MC | NUMBER | MATH (ovr_hpc.rl.reward answer types)
+    answer_type: str  # MC | NUMBER | MATH (ovr_hpc.grading answer types)
     images: list[str] = field(default_factory=list)
     choices: list[str] = field(default_factory=list)  # option texts, shown as "A. ..." lines
     show_choices: bool = True  # False when the options are already in the question or the image

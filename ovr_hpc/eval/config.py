@@ -133,7 +133,7 @@ class EvalRolloutConfig:
 @dataclass
 class ScoringConfig:
     num_workers: int = 4
-    """Reward worker processes per rank (ovr_hpc.rl.reward.RewardPool); 0 scores in-process."""
+    """Reward worker processes per rank (ovr_hpc.grading.RewardPool); 0 scores in-process."""
     timeout_s: float = 10.0
     """A response whose check takes longer scores 0 (reason "timeout")."""
     require_finished: bool = True

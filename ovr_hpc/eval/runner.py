@@ -36,9 +36,10 @@ from typing import Any, Optional
 
 from ovr_hpc import dist
 from ovr_hpc.config import ConfigError
-from ovr_hpc.data.records import BadRecord
+from ovr_hpc.data.errors import BadRecord
 from ovr_hpc.eval.benchmarks import BENCHMARKS, Benchmark, EvalSample, paper_numbers
 from ovr_hpc.eval.config import EvalConfig
+from ovr_hpc.grading import RewardPool, extract_last_boxed
 
 SHARD_PREFIX = "samples.rank"
 MERGED = "samples.jsonl"
@@ -200,8 +201,6 @@ def image_errors(samples: list[EvalSample], min_pixels: int, max_pixels: int) ->
 
 def score_chunk(pool, samples: list[EvalSample], outputs: list[list], require_finished: bool) -> list[list[tuple]]:
     """(score, reason, extracted) per completion; a question counts right when any of its items is."""
-    from ovr_hpc.rl.reward import extract_last_boxed
-
     items, owners = [], []
     for qi, (s, completions) in enumerate(zip(samples, outputs)):
         for ci, c in enumerate(completions):
@@ -286,8 +285,6 @@ class _Run:
     @property
     def pool(self):
         if self._pool is None:
-            from ovr_hpc.rl.reward import RewardPool
-
             self._pool = RewardPool(self.cfg.scoring.num_workers, self.cfg.scoring.timeout_s)
         return self._pool
 

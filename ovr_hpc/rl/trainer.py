@@ -19,9 +19,8 @@ from collections import defaultdict
 
 import torch
 
-from ovr_hpc import dist
-from ovr_hpc.checkpoint import (COMPLETE, check_resume_layout, checkpoints_dir, end_of_step, latest_checkpoint,
-                                load_checkpoint, preempted, save_checkpoint)
+from ovr_hpc import dist, preflight
+from ovr_hpc.checkpoint import COMPLETE, checkpoints_dir, end_of_step, load_checkpoint, preempted, save_checkpoint
 from ovr_hpc.config import RLConfig, dump_config, to_dict
 from ovr_hpc.data.dataset import IGNORE_INDEX, Collator, rows_at
 from ovr_hpc.data.templates import TokenizedSample
@@ -31,7 +30,7 @@ from ovr_hpc.models.loading import TokenLogprobs, load_processor, load_vlm
 from ovr_hpc.rl import advantages as adv_fns
 from ovr_hpc.rl import losses
 from ovr_hpc.rl.prompts import load_rl_prompts, stop_strings, to_rollout_prompt
-from ovr_hpc.rl.reward import RewardPool
+from ovr_hpc.grading import RewardPool
 from ovr_hpc.rollout.base import RolloutInterrupted, SamplingParams
 from ovr_hpc.sft.trainer import seed_everything
 
@@ -128,16 +127,7 @@ class Rollouts:
 def train(cfg: RLConfig) -> dict:
     # ---- where we are, and the stop flag
     info = dist.init_distributed()
-    cfg.validate_world(info.world_size)
-    check_resume_layout(cfg, info.world_size)
-    if cfg.rollout.engine == "vllm":  # now on the machine that runs it: a GPU (or the CPU test build) is needed
-        from ovr_hpc.config import ConfigError
-        from ovr_hpc.rollout.vllm import VLLMUnavailableError, check_vllm_available
-
-        try:
-            check_vllm_available(cfg.rollout.vllm_allow_cpu)
-        except VLLMUnavailableError as e:
-            raise ConfigError(str(e)) from None
+    checks = preflight.at_start(cfg, info.world_size)   # every pre-run check, on this machine (ovr_hpc/preflight.py)
     stop = dist.StopRequest().install()
     seed_everything(cfg.seed)
     out_dir = cfg.checkpoint.output_dir
@@ -178,7 +168,7 @@ def train(cfg: RLConfig) -> dict:
 
     # ---- resume; the rollout engine then serves the resumed weights, never the initial ones
     step, tokens_seen = 0, 0
-    resume_from = latest_checkpoint(out_dir) if cfg.checkpoint.resume else None
+    resume_from = checks.resume_from
     if resume_from:
         state = load_checkpoint(engines, resume_from)
         step, tokens_seen = state["step"], state["tokens_seen"]

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from ovr_hpc.data import vision
-from ovr_hpc.data.records import BadRecord
+from ovr_hpc.data.errors import BadRecord
 from tests.conftest import write_png
 
 

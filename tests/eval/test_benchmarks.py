@@ -8,7 +8,7 @@ import pytest
 from ovr_hpc.eval.benchmarks import (BENCHMARKS, MC, EvalSample, dynamath_worst_case, mme_scores, pass_at_k,
                                      sampling_metrics, wemath_four_dimensional)
 from ovr_hpc.eval.config import BenchmarkSpec
-from ovr_hpc.rl.reward import score
+from ovr_hpc.grading import score
 from tests.eval import layouts as L
 
 

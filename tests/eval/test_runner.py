@@ -11,7 +11,7 @@ import pytest
 
 import ovr_hpc.eval.config  # noqa: F401  (registers the "eval" stage)
 from ovr_hpc.config import ConfigError, load_config
-from ovr_hpc.data.records import BadRecord
+from ovr_hpc.data.errors import BadRecord
 from ovr_hpc.eval.runner import build_engine, resolve_model, run_eval
 from ovr_hpc.rollout.base import Completion
 from tests.eval import layouts as L

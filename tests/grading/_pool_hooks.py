@@ -4,7 +4,7 @@ import os
 import signal
 import time
 
-from ovr_hpc.rl.reward import score
+from ovr_hpc.grading import score
 
 
 def hooked_score(response, reference, *, answer_type=None, finished=True):

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from ovr_hpc.rl import reward as R
-from ovr_hpc.rl.reward import REASONS, RewardResult, extract_last_boxed, score
+from ovr_hpc.grading import MAX_ANSWER_CHARS, REASONS, RewardResult, extract_last_boxed, score
+from ovr_hpc.grading import answer as R
 
 
 def boxed(ans: str) -> str:
@@ -41,7 +41,7 @@ def check(response, reference, expected_reason, answer_type=None, finished=True)
         ("no box here", None, "no_boxed"),
         ("\\boxedx{5}", None, "no_boxed"),  # another control word
         ("\\boxed{12", None, "parse_error"),  # never closed
-        ("\\boxed{" + "1" * (R.MAX_ANSWER_CHARS + 10) + "}", None, "too_long"),
+        ("\\boxed{" + "1" * (MAX_ANSWER_CHARS + 10) + "}", None, "too_long"),
     ],
 )
 def test_extract_last_boxed(text, content, status):

@@ -1,11 +1,11 @@
-"""`ovr-hpc grade`: the RL reward over a JSONL of (response, reference) pairs, to audit a data set before a run.
+"""`ovr-hpc grade`: the reward over a JSONL of (response, reference) pairs, to audit a data set before a run.
 
     ovr-hpc grade FILE.jsonl [--response-key response --reference-key answer --answer-type-key answer_type]
                              [--references-only] [--out VERDICTS.jsonl] [--timeout 5]
 
-Each line is graded by `ovr_hpc.rl.reward.score` (its reason codes are the verdicts: correct, wrong,
+Each line is graded by `ovr_hpc.grading.score` (its reason codes are the verdicts: correct, wrong,
 no_boxed, timeout, ...); a line that is not a JSON object with the two keys is "malformed", reported
-with its file:line. `--references-only` audits each reference alone (`reward.check_reference`): ok,
+with its file:line. `--references-only` audits each reference alone (`check_reference`): ok,
 multi_box, empty, unparsed, ... `--out` writes one verdict per line as JSONL.
 """
 
@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ovr_hpc.rl import reward
+from ovr_hpc.grading.answer import DEFAULT_TIMEOUT_S, check_reference, reference_parts, score
 
 MAX_LISTED = 20  # flagged lines printed; every one is still counted
 ALWAYS_SHOWN = ("correct", "wrong", "no_boxed", "timeout", "malformed")  # printed even when 0 (grading)
@@ -69,7 +69,7 @@ def _parse(raw: bytes, keys: tuple[str, ...]) -> tuple[dict | None, str]:
 
 def grade_file(path: str, *, response_key: str = "response", reference_key: str = "answer",
                answer_type_key: str = "answer_type", references_only: bool = False, out: str | None = None,
-               timeout_s: float = reward.DEFAULT_TIMEOUT_S) -> GradeReport:
+               timeout_s: float = DEFAULT_TIMEOUT_S) -> GradeReport:
     """Grade (or, with references_only, audit the references of) every line of a JSONL file."""
     report = GradeReport()
     keys = (reference_key,) if references_only else (response_key, reference_key)
@@ -82,12 +82,12 @@ def grade_file(path: str, *, response_key: str = "response", reference_key: str 
                 report.add(where, "malformed", problem, flag=True)
                 row.update(verdict="malformed", detail=problem)
             elif references_only:
-                verdict = reward.check_reference(obj[reference_key], timeout_s=timeout_s)
+                verdict = check_reference(obj[reference_key], timeout_s=timeout_s)
                 report.add(where, verdict, str(obj[reference_key])[:80], flag=verdict != "ok")
-                row.update(verdict=verdict, parts=len(reward.reference_parts(obj[reference_key]))
+                row.update(verdict=verdict, parts=len(reference_parts(obj[reference_key]))
                            if isinstance(obj[reference_key], str) else 1)
             else:
-                res = reward.score(obj[response_key], obj[reference_key], answer_type=obj.get(answer_type_key),
+                res = score(obj[response_key], obj[reference_key], answer_type=obj.get(answer_type_key),
                                    timeout_s=timeout_s)
                 report.add(where, res.reason, flag=res.reason in ("timeout", "bad_reference", "error"))
                 row.update(verdict=res.reason, score=res.score, answer=res.answer)

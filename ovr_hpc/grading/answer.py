@@ -1,4 +1,4 @@
-"""Rule-based verifiable reward for the RL stage (binary, no format reward).
+"""Rule-based verifiable reward for the RL stage and evaluation's scores (binary, no format reward).
 
 A response earns 1.0 when it finished normally and its *last* ``\\boxed{...}`` (or ``\\fbox{...}``)
 answer matches the reference, else 0.0.  Every outcome carries a short reason code for logging.
@@ -7,7 +7,7 @@ Entry points
 ------------
 ``score(response, reference, *, answer_type=None, finished=True) -> RewardResult``
     Pure function, in-process.  Never raises, never evaluates model text as code.
-``RewardPool(num_workers, timeout_s)``
+``RewardPool(num_workers, timeout_s)`` (pool.py)
     Scores batches in worker processes; a worker that hangs past ``timeout_s`` is killed and
     replaced, its item scored 0 with reason ``"timeout"``.  ``num_workers=0`` scores in-process.
 
@@ -83,45 +83,29 @@ from __future__ import annotations
 
 import logging
 import math
-import multiprocessing as mp
-import os
 import re
 import signal
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass
-from multiprocessing.connection import wait as _mp_wait
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable
 
-__all__ = [
-    "RewardResult",
-    "REASONS",
-    "score",
-    "extract_last_boxed",
-    "extract_boxed_parts",
-    "reference_parts",
-    "check_reference",
-    "REFERENCE_VERDICTS",
-    "RewardPool",
-    "MAX_RESPONSE_CHARS",
-    "MAX_ANSWER_CHARS",
-    "MAX_NESTING",
-    "REL_TOL",
-    "ABS_TOL",
-]
+from ovr_hpc.grading.choices import CHOICE_TYPES, choice_letters, multi_letter_reference
+from ovr_hpc.grading.text import (NOT_UNIT_WORDS, ROW_BREAK, canon, clean, extract_boxed_parts, number_word,
+                                  strip_text_commands, unwrap_text, word_answer)
 
 logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- limits
-MAX_RESPONSE_CHARS = 1 << 19  # 524288 chars inspected (tail); a 48k-token response is ~200k chars
-MAX_ANSWER_CHARS = 1024  # extracted answer
 MAX_REFERENCE_CHARS = 4096
 MAX_NESTING = 8  # ( [ { nesting; the antlr LaTeX parser gets exponentially slow past ~10
-MAX_BOXED_CANDIDATES = 64  # \boxed mentions without an argument skipped before giving up
 REL_TOL = 1e-4
 ABS_TOL = 1e-8
 DEFAULT_TIMEOUT_S = 5.0
+_NUMBER_TYPES = {"number", "numeric", "numerical", "float", "real"}
+# Explicitly "math": never reinterpreted as a letter even when the reference is one capital.
+_MATH_TYPES = {"math", "expression", "latex", "formula", "integer", "int", "free_form", "text", "list"}
 
 REASONS = (
     "correct",  # score 1
@@ -153,7 +137,7 @@ class RewardResult:
         return self.reason == "correct"
 
 
-def _result(reason: str, answer: str | None = None) -> RewardResult:
+def result_of(reason: str, answer: str | None = None) -> RewardResult:
     if answer is not None and len(answer) > 200:
         answer = answer[:200]
     return RewardResult(1.0 if reason == "correct" else 0.0, reason, answer)
@@ -168,7 +152,7 @@ class _RewardTimeout(BaseException):
 _TIMER_REPEAT_S = 0.05  # after the first expiry, fire again every 50 ms (see below)
 
 
-def _call_with_time_limit(fn: Callable[[], RewardResult], timeout_s: float | None) -> RewardResult:
+def call_with_time_limit(fn: Callable[[], RewardResult], timeout_s: float | None) -> RewardResult:
     """Run ``fn()``; if it takes longer than ``timeout_s`` return a "timeout" result.
 
     SIGALRM interval timer, main thread only (elsewhere: no bound, ``fn()`` runs as is).  The
@@ -183,7 +167,7 @@ def _call_with_time_limit(fn: Callable[[], RewardResult], timeout_s: float | Non
     )
     if not usable:
         return fn()
-    own_code = _call_with_time_limit.__code__
+    own_code = call_with_time_limit.__code__
     armed = [True]
 
     def handler(signum, frame):
@@ -205,282 +189,7 @@ def _call_with_time_limit(fn: Callable[[], RewardResult], timeout_s: float | Non
         if prev_delay > 0:  # somebody else's timer was running: re-arm what is left of it
             left = prev_delay - (time.monotonic() - started)
             signal.setitimer(signal.ITIMER_REAL, max(left, 1e-3))
-    return result if result is not None else _result("timeout")
-
-
-# ----------------------------------------------------------------------------- boxed extraction
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
-_INLINE_STOP = ("$", "\n", "\\]", "\\)")
-
-
-def extract_last_boxed(text: str) -> tuple[str | None, str]:
-    """Return ``(content, status)`` of the last ``\\boxed{..}`` / ``\\fbox{..}`` / ``\\boxed x``.
-
-    status: "ok", "no_boxed", "too_long" (argument longer than MAX_ANSWER_CHARS) or
-    "parse_error" (opening brace never closed).  Linear in the inspected text; escaped braces
-    ``\\{ \\}`` do not count.  Mentions of ``\\boxed`` with no argument are skipped (at most
-    MAX_BOXED_CANDIDATES of them)."""
-    if len(text) > MAX_RESPONSE_CHARS:
-        text = text[-MAX_RESPONSE_CHARS:]
-    content, status, _ = _boxed_before(text, len(text))
-    return content, status
-
-
-def extract_boxed_parts(text: str, limit: int = MAX_BOXED_CANDIDATES) -> tuple[list[str], str]:
-    """The contents of every ``\\boxed`` answer of ``text`` in reading order (at most ``limit``, the
-    last ones), and the status of the last (as :func:`extract_last_boxed`)."""
-    if len(text) > MAX_RESPONSE_CHARS:
-        text = text[-MAX_RESPONSE_CHARS:]
-    parts: list[str] = []
-    end, status = len(text), "no_boxed"
-    while len(parts) < limit:
-        content, st, pos = _boxed_before(text, end)
-        if not parts:
-            status = st
-        if st != "ok" or content is None:
-            break
-        end = pos
-        if any(c in content for c in _BOX_COMMANDS):  # "\\boxed{\\boxed{3}}": the inner one counts
-            continue
-        parts.append(content)
-    return parts[::-1], status
-
-
-def _boxed_before(text: str, end: int) -> tuple[str | None, str, int]:
-    """(content, status, position of the command) of the last boxed answer that starts before ``end``."""
-    for _ in range(MAX_BOXED_CANDIDATES):
-        pos, cmd = -1, ""
-        for c in _BOX_COMMANDS:
-            p = text.rfind(c, 0, end)
-            if p > pos:
-                pos, cmd = p, c
-        if pos < 0:
-            return None, "no_boxed", -1
-        end = pos  # next round searches before this mention
-        i = pos + len(cmd)
-        if i < len(text) and text[i].isalpha():  # another control word, e.g. \boxedx, \fboxsep
-            continue
-        j = i
-        while j < len(text) and j - i < 16 and text[j] in " \t":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            return (*_match_braces(text, j), pos)
-        if j == i or j >= len(text):  # "\boxed." / "\boxed" at the very end: a mention
-            continue
-        # "\boxed 5": TeX takes one token, models mean the rest of the inline math.
-        stop = min(len(text), j + MAX_ANSWER_CHARS + 1)
-        for s in _INLINE_STOP:
-            k = text.find(s, j, stop)
-            if k >= 0:
-                stop = k
-        content = text[j:stop].strip().rstrip(".,;").strip()
-        if not content:
-            continue
-        if len(content) > MAX_ANSWER_CHARS:
-            return None, "too_long", pos
-        return content, "ok", pos
-    return None, "no_boxed", -1
-
-
-def _match_braces(text: str, open_pos: int) -> tuple[str | None, str]:
-    depth = 0
-    i = open_pos
-    limit = min(len(text), open_pos + MAX_ANSWER_CHARS + 2)
-    while i < limit:
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "{":
-            depth += 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                return text[open_pos + 1 : i], "ok"
-        i += 1
-    if limit < len(text):
-        return None, "too_long"
-    return None, "parse_error"
-
-
-# ----------------------------------------------------------------------------- normalisation
-_UNICODE = {
-    "\u2212": "-",  # minus
-    "\u2013": "-",
-    "\u2014": "-",
-    "\u00d7": "\\times ",
-    "\u22c5": "\\cdot ",
-    "\u00b7": "\\cdot ",
-    "\u00f7": "\\div ",
-    "\u03c0": "\\pi ",
-    "\u221e": "\\infty ",
-    "\u00b0": "^\\circ",
-    "\\degree": "^\\circ",  # gensymb
-    "\u2264": "\\le ",
-    "\u2265": "\\ge ",
-    "\u2260": "\\ne ",
-    "\u00bd": "\\frac{1}{2}",
-    "\uff08": "(",
-    "\uff09": ")",
-    "\uff1a": ":",
-    "\uff0c": ",",
-    "\u3000": " ",
-    "\u2205": "\\emptyset ",
-    "\\varnothing": "\\emptyset ",  # the same set; math-verify knows only \emptyset
-    "\u2248": "\\approx ",
-    "\\langle": "(",  # a vector <a, b> is the tuple (a, b)
-    "\\rangle": ")",
-    "\u27e8": "(",
-    "\u27e9": ")",
-}
-_UNICODE_RE = re.compile("|".join(map(re.escape, _UNICODE)))
-_SQRT_UNI_RE = re.compile(r"\u221a\s*(\d+(?:\.\d+)?|[A-Za-z]|\([^()]{0,64}\)|\{[^{}]{0,64}\})")
-_NEG_SPACE_RE = re.compile(r"\\!\s*")
-_SPACING_RE = re.compile(r"\\[,;: ]|\\q?quad\b|~|\\displaystyle\b|\\textstyle\b")
-_LEFT_RIGHT_RE = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)\b\s*\.?")
-_FRAC_VARIANT_RE = re.compile(r"\\[dt]frac\b")
-# "\approx 3.14": an answer that leads with "about" is the number.
-_LEADING_APPROX_RE = re.compile(r"^(?:\\approx|\\simeq|\\sim|\\thickapprox)(?![A-Za-z])\s*")
-# 0.1\overline{6} = 1/6: repeating decimals become fractions (at most 12 digits each part).
-_REPEATING_RE = re.compile(r"(?<![\d.])(\d{0,12})\.(\d{0,12})\\overline\s*\{(\d{1,12})\}")
-# \cos 60^\circ: math-verify reads the argument as 60 radians; written out in radians instead.
-_TRIG = r"\\(sin|cos|tan|cot|sec|csc)\s*"
-_DEGREES = r"\s*(\d+(?:\.\d+)?)\s*\^\s*(?:\\circ|\{\s*\\circ\s*\})\s*"
-_TRIG_DEGREES_RE = re.compile(_TRIG + r"(?:\(" + _DEGREES + r"\)|\{" + _DEGREES + r"\}|" + _DEGREES + ")")
-# \overline{AB} (a segment) is named AB.
-_SEGMENT_RE = re.compile(r"\\(?:overline|overleftrightarrow|overrightarrow|vec)\s*\{\s*([A-Z]{1,3})\s*\}")
-# "5 dollars", "12 square units": a number followed by plain words is a number with a unit, as
-# "5\\text{ dollars}" is; words that change the value ("2 pi", "5 thousand") or join numbers do not count.
-_UNIT_WORD = r"(?:[A-Za-z]{2,}|[A-Za-z]+/[A-Za-z]+(?:\^\{?\d\}?)?)"   # "dollars", "m/s", "km/h", "m/s^2"
-_NUMBER_UNIT_WORDS_RE = re.compile(
-    r"^([+-]?\d[\d,]*(?:\.\d+)?)\s+(" + _UNIT_WORD + r"(?:\s+" + _UNIT_WORD + r"){0,2})$")
-_NOT_UNIT_WORDS = frozenset(
-    "pi sqrt sin cos tan cot sec csc log ln exp times thousand thousands million millions billion billions "
-    "hundred hundreds dozen dozens and or to plus minus over divided by of".split())
-_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-    "sixteen seventeen eighteen nineteen twenty".split())}
-_NUMBER_WORDS.update({"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70",
-                      "eighty": "80", "ninety": "90", "hundred": "100", "a hundred": "100",
-                      "one hundred": "100", "thousand": "1000", "one thousand": "1000"})
-
-
-def _repeating_to_fraction(m: re.Match) -> str:
-    whole, fixed, period = m.group(1) or "0", m.group(2), m.group(3)
-    # x = whole.fixed(period...) = (whole fixed period - whole fixed) / (10^|fixed| (10^|period| - 1))
-    numerator = int(whole + fixed + period) - int(whole + fixed)
-    denominator = 10 ** len(fixed) * (10 ** len(period) - 1)
-    return f"\\frac{{{numerator}}}{{{denominator}}}"
-
-
-def _trig_in_radians(m: re.Match) -> str:
-    degrees = next(g for g in m.groups()[1:] if g is not None)
-    return f"\\{m.group(1)}(\\frac{{{degrees}\\pi}}{{180}})"
-
-
-def _number_with_unit_words(s: str) -> str:
-    m = _NUMBER_UNIT_WORDS_RE.match(s)
-    if not m:
-        return s
-    words = re.split(r"[\s/^{}\d]+", m.group(2).lower())
-    if words == ["percent"]:
-        return m.group(1) + "\\%"
-    if any(w in _NOT_UNIT_WORDS for w in words):
-        return s
-    return m.group(1) + "\\text{ " + m.group(2) + "}"
-
-
-_ROW_BREAK = "\\\\"
-
-
-def _clean_commands(s: str) -> str:
-    """The rewrites of ``_clean`` inside one piece of text that holds no row break ``\\\\``."""
-    s = _SQRT_UNI_RE.sub(lambda m: "\\sqrt{" + m.group(1).strip("(){}") + "}", s)
-    s = _UNICODE_RE.sub(lambda m: _UNICODE[m.group(0)], s)
-    s = s.replace("\\$", "").replace("$", "")  # currency "\$5" and inline-math dollars
-    # "\!" is a negative thin space: it joins ("14,\!916" is MATH's 14916), it never separates.
-    s = _NEG_SPACE_RE.sub("", s)
-    s = _SPACING_RE.sub(" ", s)
-    s = _LEFT_RIGHT_RE.sub("", s)
-    s = _FRAC_VARIANT_RE.sub(r"\\frac", s)
-    s = _REPEATING_RE.sub(_repeating_to_fraction, s)
-    s = _TRIG_DEGREES_RE.sub(_trig_in_radians, s)
-    return _SEGMENT_RE.sub(r"\1", s)
-
-
-def _number_word(s: str) -> str:
-    """'two' / '\\text{Two}' -> '2' when that word is the whole answer; anything else unchanged."""
-    word = _unwrap_text(s).strip().lower()
-    return _NUMBER_WORDS.get(re.sub(r"[\s-]+", " ", word), s)
-
-
-def _clean(s: str) -> str:
-    """Cosmetic normalisation, safe on any string (linear regexes only).
-
-    LaTeX is read token by token where it matters: ``\\\\`` (a row break, as in
-    ``\\begin{pmatrix} 1 \\\\ 4 \\end{pmatrix}``) is one token, so the rewrites of control sequences
-    below work on the text between row breaks and never see its second backslash as the start of a
-    command (``\\ `` is a control space, but in ``\\\\ 4`` the space follows a row break)."""
-    s = _ROW_BREAK.join(_clean_commands(part) for part in s.split(_ROW_BREAK))
-    s = _LEADING_APPROX_RE.sub("", s.strip())
-    # A lone trailing backslash escapes nothing (our own wrapping, "\\boxed{" + s + "}", would make it
-    # escape the closing brace), and a row break at the very end breaks nothing: dropped.
-    s = s.rstrip("\\").rstrip()
-    while s and s[-1] in ".,;" and not s.endswith("\\."):
-        s = s[:-1].rstrip()
-    return _number_with_unit_words(s)
-
-
-_WORDS_RE = re.compile(r"^[A-Za-z]+(?:(?:\s+|\s*-\s*|')[A-Za-z]+)*$")
-
-
-def _word_answer(s: str) -> str | None:
-    """Lower-case letters of an answer made of words ("United States", "north-east"), else None. A word
-    has three letters and is not all capitals: "xy" and "ABC" (segments, triangles) stay mathematics."""
-    text = _strip_text_commands(_unwrap_text(s)).strip()
-    if not _WORDS_RE.match(text):
-        return None
-    if not any(len(word) >= 3 and not word.isupper() for word in re.findall(r"[A-Za-z]+", text)):
-        return None
-    return re.sub(r"[^a-z]", "", text.lower())
-
-
-def _canon(s: str) -> str:
-    return re.sub(r"\s+", "", s)
-
-
-_WRAP_RE = re.compile(r"^\\(?:text|textbf|textit|textrm|texttt|textsf|mathrm|mathbf|mathit|mathsf|mbox|operatorname)\s*\{(.*)\}$", re.S)
-
-
-def _unwrap_text(s: str) -> str:
-    for _ in range(4):
-        m = _WRAP_RE.match(s)
-        if not m or not _balanced(m.group(1)):
-            break
-        s = m.group(1).strip()
-    return s
-
-
-def _balanced(s: str) -> bool:
-    depth = 0
-    i = 0
-    while i < len(s):
-        if s[i] == "\\":
-            i += 2
-            continue
-        if s[i] == "{":
-            depth += 1
-        elif s[i] == "}":
-            depth -= 1
-            if depth < 0:
-                return False
-        i += 1
-    return depth == 0
-
-
-def _strip_text_commands(s: str) -> str:
-    """\\text{B} -> B anywhere (one level), for letter parsing."""
-    return re.sub(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}", r"\1", s)
+    return result if result is not None else result_of("timeout")
 
 
 # ----------------------------------------------------------------------------- safety pre-screen
@@ -521,68 +230,6 @@ def _too_complex(s: str) -> bool:
     return any(r.search(compact) for r in _TOWER_RES)
 
 
-# ----------------------------------------------------------------------------- multiple choice
-_CHOICE_TYPES = {"multiple_choice", "choice", "mc", "mcq", "option", "options", "letter"}
-_CHOICE_TYPES |= {"multi_choice", "multichoice", "multiple_choices"}
-_NUMBER_TYPES = {"number", "numeric", "numerical", "float", "real"}
-# Explicitly "math": never reinterpreted as a letter even when the reference is one capital.
-_MATH_TYPES = {"math", "expression", "latex", "formula", "integer", "int", "free_form", "text", "list"}
-_MC_PREFIX_RE = re.compile(
-    r"^(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice)\s*(?:is\s*)?[:=]?\s*", re.I
-)
-_MC_SINGLE_RE = re.compile(r"^([\(\[]?)\s*([A-Za-z])\s*([\)\]]?)(?=$|[\s.:,)\]])(.*)$", re.S)
-_MC_MULTI_RE = re.compile(r"^[A-Z](?:\s*[,;/&]\s*[A-Z]|\s+(?:and|or)\s+[A-Z]|\s+[A-Z])+$")
-# After one letter, "or D", ", (D)", "and (D)": the answer names another option too (a hedge).
-_MC_MORE_RE = re.compile(r"^\s*(?:[,;/&+]|\bor\b|\band\b)\s*(?:\\text\s*\{\s*)?[\(\[]?\s*([A-Za-z])\s*[\)\]]?(?=$|[\s.:,;)\]}])")
-
-
-def _choice_letters(s: str, *, strict: bool = False) -> frozenset[str] | None:
-    """Letters named by a choice answer, or None.  ``strict``: the whole string must be the
-    (uppercase) letter form, no choice text (used to infer a choice *reference*)."""
-    s = _strip_text_commands(_unwrap_text(_clean(s))).strip()
-    s = _MC_PREFIX_RE.sub("", s).strip()
-    if not s or len(s) > MAX_ANSWER_CHARS:
-        return None
-    if _MC_MULTI_RE.match(s):  # "A, C", "A and C"
-        if strict:
-            return None
-        return frozenset(re.findall(r"[A-Z]", s))
-    m = _MC_SINGLE_RE.match(s)
-    if m:
-        letter, rest = m.group(2), m.group(4)
-        bracketed = bool(m.group(1) or m.group(3))
-        more = _MC_MORE_RE.match(rest)
-        if more and (letter.isupper() or bracketed):  # "C or D", "(A) and (C)": every letter named
-            letters = {letter.upper()}
-            while more:
-                letters.add(more.group(1).upper())
-                rest = rest[more.end():]
-                more = _MC_MORE_RE.match(rest)
-            return None if strict else frozenset(letters)
-        rest_s = rest.strip().lstrip(".:)]").strip()
-        if strict:
-            if letter.isupper() and not rest_s:
-                return frozenset(letter)
-            return None
-        if not rest_s:
-            return frozenset(letter.upper())
-        if letter.isupper() or bracketed:  # "B: 12 cm", "(b) 12 cm"
-            return frozenset(letter.upper())
-        return None
-    if not strict and 2 <= len(s) <= 10 and s.isalpha() and s.isupper():  # "AC"
-        return frozenset(s)
-    return None
-
-
-def _multi_letter_reference(s: str) -> frozenset[str] | None:
-    s = _strip_text_commands(_unwrap_text(_clean(s))).strip()
-    if _MC_MULTI_RE.match(s):
-        return frozenset(re.findall(r"[A-Z]", s))
-    if 2 <= len(s) <= 10 and s.isalpha() and s.isupper():
-        return frozenset(s)
-    return None
-
-
 # ----------------------------------------------------------------------------- numbers
 _NUM = r"[+-]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][+-]?\d+)?"
 _PLAIN_NUM_RE = re.compile(r"^(" + _NUM + r")$")
@@ -611,7 +258,7 @@ _DEGREE_SIGN_RE = re.compile(r"\^\s*\{?\\circ\}?$")
 
 def _bare_number_text(s: str) -> tuple[str, bool, bool]:
     """(text, is_percent, is_degrees): s without text commands, "x =", currency, a trailing % or degree sign."""
-    s = _strip_text_commands(_unwrap_text(_clean(s)))
+    s = strip_text_commands(unwrap_text(clean(s)))
     s = _ASSIGN_RE.sub("", s).strip()
     s = s.replace("\\$", "").replace("\\%", "%").strip()
     pct = s.endswith("%")
@@ -626,7 +273,7 @@ _UNIT_SUFFIX_RE = re.compile(r"\s*\\(?:text|mathrm|mbox)\s*\{[^{}]*\}(?:\s*\^\s*
 
 def _plain_numeral(s: str) -> str | None:
     """The text of one plain decimal number ("11.31", "x = 11.31", "11.31\\text{ cm}", "11.31^\\circ"), else None."""
-    bare, _, _ = _bare_number_text(_UNIT_SUFFIX_RE.sub("", _clean(s)))
+    bare, _, _ = _bare_number_text(_UNIT_SUFFIX_RE.sub("", clean(s)))
     return bare if _PLAIN_NUM_RE.match(bare) and _num(bare) is not None else None
 
 
@@ -656,7 +303,7 @@ def _plain_float(s: str) -> tuple[float | None, bool]:
                 return None, pct
             return (v if math.isfinite(v) else None), pct
     m = _UNIT_TAIL_RE.match(s)
-    if m and not _NOT_UNIT_WORDS.intersection(re.findall(r"[a-z]+", s[m.end(1):].lower())):   # "2 pi" is no unit
+    if m and not NOT_UNIT_WORDS.intersection(re.findall(r"[a-z]+", s[m.end(1):].lower())):   # "2 pi" is no unit
         return _num(m.group(1)), pct
     return None, pct
 
@@ -722,7 +369,7 @@ def _equal_by_value(answer: str, ref: str) -> bool:
     if answer_degrees != ref_degrees:
         degrees, radians, expression = ((answer_value, ref_value, ref) if answer_degrees
                                         else (ref_value, answer_value, answer))
-        return "\\pi" in _clean(expression) and _close(math.radians(degrees), radians)
+        return "\\pi" in clean(expression) and _close(math.radians(degrees), radians)
     return abs(answer_value - ref_value) <= 0.5 * 10.0 ** -ref_places * (1 + 1e-9)
 
 
@@ -790,8 +437,8 @@ def reference_parts(reference: str) -> list[str]:
             contents = found
     parts: list[str] = []
     for c in contents:
-        part = _number_word(_clean(c))
-        if part and _canon(part) not in {_canon(q) for q in parts}:
+        part = number_word(clean(c))
+        if part and canon(part) not in {canon(q) for q in parts}:
             parts.append(part)
     return parts
 
@@ -850,14 +497,14 @@ def check_reference(reference: Any, *, timeout_s: float | None = DEFAULT_TIMEOUT
 
     def parse_all() -> RewardResult:
         for part in parts:
-            readable = (_choice_letters(part, strict=True) or _word_answer(part) is not None
+            readable = (choice_letters(part, strict=True) or word_answer(part) is not None
                         or (not _too_complex(part) and _gold(part)))
             if not readable:
-                return _result("parse_error")
-        return _result("correct")
+                return result_of("parse_error")
+        return result_of("correct")
 
     try:
-        res = _call_with_time_limit(parse_all, timeout_s)
+        res = call_with_time_limit(parse_all, timeout_s)
     except Exception:
         return "unparsed"
     if res.reason == "timeout":
@@ -882,14 +529,14 @@ def score(
     at the text.  ``timeout_s`` bounds the check with SIGALRM when called from the main thread
     (None: no in-process bound; the pool supplies the hard one).  Never raises for bad input."""
     if not finished:
-        return _result("truncated")
+        return result_of("truncated")
     try:
-        return _call_with_time_limit(
+        return call_with_time_limit(
             lambda: _score_impl(response, reference, answer_type), timeout_s
         )
     except Exception:  # MemoryError, RecursionError, anything a library throws at us
         logger.debug("reward scoring failed", exc_info=True)
-        return _result("error")
+        return result_of("error")
 
 
 def _score_impl(response: Any, reference: Any, answer_type: str | None) -> RewardResult:
@@ -897,25 +544,25 @@ def _score_impl(response: Any, reference: Any, answer_type: str | None) -> Rewar
         if isinstance(reference, (int, float)) and not isinstance(reference, bool):
             reference = repr(reference)
         else:
-            return _result("bad_reference")
+            return result_of("bad_reference")
     if not isinstance(response, str):
-        return _result("error")
+        return result_of("error")
     if len(reference) > MAX_REFERENCE_CHARS:
-        return _result("bad_reference")
+        return result_of("bad_reference")
     refs = reference_parts(reference)
     if not refs:
-        return _result("bad_reference")
+        return result_of("bad_reference")
 
     boxes, status = extract_boxed_parts(response, limit=len(refs))
     if status != "ok":
-        return _result(status)
+        return result_of(status)
     raw = boxes[-1]
     kind = answer_type.strip().lower().replace(" ", "_").replace("-", "_") if isinstance(answer_type, str) else ""
     if len(refs) == 1:
-        return _result(_grade(raw, refs[0], kind), raw)
+        return result_of(_grade(raw, refs[0], kind), raw)
     # A reference of several boxed parts: every part, in order, either as the parts of the last boxed
     # answer ("\boxed{3, 7}") or as the last boxed answers ("\boxed{3} ... \boxed{7}").
-    whole = _clean(raw)
+    whole = clean(raw)
     if _outer_bracket(whole) in ("tuple", "interval"):  # "(3, 7)", "[3, 7]": the parts as a tuple
         whole = whole[1:-1]
     candidates = [p for p in (_split_parts(whole, keep_thousands=False), _split_parts(whole, keep_thousands=True))
@@ -928,30 +575,30 @@ def _score_impl(response: Any, reference: Any, answer_type: str | None) -> Rewar
         verdict = next((v for v in verdicts if v != "correct"), "correct")
         if verdict == "correct":
             break
-    return _result(verdict, raw)
+    return result_of(verdict, raw)
 
 
 def _grade(raw: str, ref: str, kind: str) -> str:
     """Verdict (a reason code) of one extracted answer ``raw`` against one normalised reference part."""
-    answer = _number_word(_clean(raw))
+    answer = number_word(clean(raw))
     if not answer:
         return "empty_boxed"
     infer = kind not in _NUMBER_TYPES and kind not in _MATH_TYPES
-    if kind in _CHOICE_TYPES or (infer and _choice_letters(ref, strict=True)):
-        if kind in _CHOICE_TYPES:  # declared choice: the reference may carry the option text
-            ref_letters = _choice_letters(ref) or _multi_letter_reference(ref)
+    if kind in CHOICE_TYPES or (infer and choice_letters(ref, strict=True)):
+        if kind in CHOICE_TYPES:  # declared choice: the reference may carry the option text
+            ref_letters = choice_letters(ref) or multi_letter_reference(ref)
         else:
-            ref_letters = _choice_letters(ref, strict=True)
+            ref_letters = choice_letters(ref, strict=True)
         if ref_letters:
-            return "correct" if _choice_letters(answer) == ref_letters else "wrong"
+            return "correct" if choice_letters(answer) == ref_letters else "wrong"
         # choice question whose reference is the option text: compare as math below
 
     # Cheap exact match on the normalised text (no parser involved).
-    if _canon(answer) == _canon(ref):
+    if canon(answer) == canon(ref):
         return "correct"
     # Words against words ("Democrats"): compared as text. math-verify would read them as products of
     # symbols: case-sensitive, and "act" equal to "cat".
-    answer_words, ref_words = _word_answer(answer), _word_answer(ref)
+    answer_words, ref_words = word_answer(answer), word_answer(ref)
     if answer_words is not None and ref_words is not None:
         return "correct" if answer_words == ref_words else "wrong"
     if _too_complex(answer):
@@ -1062,7 +709,7 @@ _POINTS_RE = re.compile(r"^(?:\\(angle|triangle|measuredangle|square)\s*)?\{?\s*
 
 def _point_names(s: str) -> tuple[str, str] | None:
     """("angle"/"triangle"/"", letters) of a figure named by its points ("AB", "\\angle ABC"), else None."""
-    m = _POINTS_RE.match(_strip_text_commands(s).strip())
+    m = _POINTS_RE.match(strip_text_commands(s).strip())
     if not m:
         return None
     prefix = {"measuredangle": "angle"}.get(m.group(1) or "", m.group(1) or "")
@@ -1128,9 +775,9 @@ def _vector_entries(s: str) -> list[str] | None:
     m = _VECTOR_RE.match(s)
     if m:
         body = m.group(2).strip()
-        if body.endswith(_ROW_BREAK):
-            body = body[: -len(_ROW_BREAK)]
-        rows = [r.strip() for r in body.split(_ROW_BREAK)]
+        if body.endswith(ROW_BREAK):
+            body = body[: -len(ROW_BREAK)]
+        rows = [r.strip() for r in body.split(ROW_BREAK)]
         if len(rows) > 1 and all("&" not in r for r in rows):
             return rows
         if len(rows) == 1 and "&" in rows[0]:
@@ -1193,8 +840,8 @@ def _score_math(answer: str, ref: str) -> str:
     gold = _gold(ref)
     if not gold:
         # Reference math-verify cannot read (plain words etc.): case-insensitive text match.
-        a = _canon(_unwrap_text(answer)).lower()
-        r = _canon(_unwrap_text(ref)).lower()
+        a = canon(unwrap_text(answer)).lower()
+        r = canon(unwrap_text(ref)).lower()
         return "correct" if a and a == r else "wrong"
     pred = _mv_parse(answer)
     if not pred:
@@ -1222,334 +869,3 @@ def _false_equation(expr: Any) -> bool:
     except Exception:
         return False
     return any(abs(v - values[0]) > max(0.01 * max(abs(v), abs(values[0])), 1e-9) for v in values[1:])
-
-
-# ----------------------------------------------------------------------------- worker pool
-Item = Any  # (response, reference[, answer_type[, finished]]) or a dict with those keys
-
-
-def _unpack(item: Item) -> tuple[Any, Any, str | None, bool]:
-    if isinstance(item, dict):
-        return (
-            item.get("response"),
-            item.get("reference"),
-            item.get("answer_type"),
-            bool(item.get("finished", True)),
-        )
-    item = tuple(item)
-    response, reference = item[0], item[1]
-    answer_type = item[2] if len(item) > 2 else None
-    finished = bool(item[3]) if len(item) > 3 else True
-    return response, reference, answer_type, finished
-
-
-def _score_item(score_fn: Callable[..., RewardResult], item: Item, timeout_s: float | None) -> RewardResult:
-    response, reference, answer_type, finished = _unpack(item)
-    if score_fn is score:
-        return score(response, reference, answer_type=answer_type, finished=finished, timeout_s=timeout_s)
-    try:
-        return _call_with_time_limit(
-            lambda: score_fn(response, reference, answer_type=answer_type, finished=finished),
-            timeout_s,
-        )
-    except Exception:
-        return _result("error")
-
-
-def _set_memory_limit(extra_mb: int | None) -> None:
-    if not extra_mb:
-        return
-    try:
-        import resource
-
-        with open("/proc/self/statm") as f:
-            current = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-        limit = current + int(extra_mb) * (1 << 20)
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    except Exception:  # not Linux / not permitted: run without a memory cap
-        pass
-
-
-def _worker_main(conn, score_fn, soft_timeout_s, max_memory_mb) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the trainer, which closes us
-    _set_memory_limit(max_memory_mb)
-    # Import sympy/antlr and warm the caches before "ready" (also for a custom score_fn, which
-    # usually wraps ``score``), so that no item's time limit pays the ~1 s import.
-    score("\\boxed{\\frac{1}{2}}", "0.5", timeout_s=None)
-    conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            msg = conn.recv()
-        except (EOFError, OSError):
-            return
-        if msg is None:
-            return
-        idx, item = msg
-        try:
-            res = _score_item(score_fn, item, soft_timeout_s)
-        except BaseException:  # noqa: BLE001 - a worker must answer
-            res = _result("error")
-        if not isinstance(res, RewardResult):
-            res = _result("error")
-        try:
-            conn.send((idx, res))
-        except (BrokenPipeError, OSError):
-            return
-
-
-class _Worker:
-    __slots__ = ("proc", "conn", "ready", "idx", "deadline", "born")
-
-    def __init__(self, proc, conn):
-        self.proc = proc
-        self.conn = conn
-        self.ready = False
-        self.idx: int | None = None
-        self.deadline = 0.0
-        self.born = time.monotonic()
-
-
-class RewardPool:
-    """Score reward items in ``num_workers`` worker processes.
-
-    ``score_batch(items)`` returns one :class:`RewardResult` per item, in input order.  An item
-    not answered within ``timeout_s`` seconds of being handed to a worker scores 0 with reason
-    "timeout"; that worker is SIGKILLed and a fresh one started (asynchronously: the batch goes
-    on with the others).  Inside each worker ``score`` also runs under a SIGALRM timer of
-    ``soft_timeout_s`` (default ``0.6 * timeout_s``) which usually ends a slow item without a
-    kill.  A worker that dies scores its item "crashed" and is replaced.  Each worker's address
-    space is capped at its size after start-up + ``max_memory_mb`` (MemoryError -> "error").
-
-    ``mp_context``: "spawn" (default) or "forkserver" — never fork: the trainer has threads and
-    CUDA.  With spawn each worker re-imports the trainer's ``__main__`` module (standard
-    multiprocessing behaviour), then sympy/math-verify: start-up is about 1-3 s per worker, paid
-    once in ``__init__`` (which waits until all are ready unless ``wait_ready=False``) and again
-    for each replacement.  ``num_workers=0`` scores in the calling process (tests, debugging),
-    with the SIGALRM bound only if that is the main thread.
-
-    One ``score_batch`` at a time (a lock serialises calls); it may run in a background thread
-    of the trainer.  ``score_fn`` (a picklable top-level function with ``score``'s signature,
-    minus ``timeout_s``) replaces the reward, e.g. for other tasks or tests.
-    """
-
-    def __init__(
-        self,
-        num_workers: int,
-        timeout_s: float = 10.0,
-        *,
-        soft_timeout_s: float | None = -1.0,
-        max_memory_mb: int | None = 2048,
-        mp_context: str = "spawn",
-        score_fn: Callable[..., RewardResult] | None = None,
-        wait_ready: bool = True,
-        start_timeout_s: float = 120.0,
-    ):
-        if num_workers < 0:
-            raise ValueError("num_workers must be >= 0")
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be > 0")
-        if mp_context not in ("spawn", "forkserver"):
-            raise ValueError("mp_context must be 'spawn' or 'forkserver' (fork is unsafe here)")
-        self.num_workers = num_workers
-        self.timeout_s = float(timeout_s)
-        self.soft_timeout_s = 0.6 * self.timeout_s if soft_timeout_s == -1.0 else soft_timeout_s
-        self.max_memory_mb = max_memory_mb
-        self.start_timeout_s = start_timeout_s
-        self.score_fn = score_fn or score
-        self._ctx = mp.get_context(mp_context)
-        self._lock = threading.Lock()
-        self._workers: list[_Worker] = []
-        self._closed = False
-        self._start_failures = 0
-        # counters for logging
-        self.num_timeouts = 0
-        self.num_crashes = 0
-        self.num_restarts = 0
-        for _ in range(num_workers):
-            self._workers.append(self._spawn())
-        if wait_ready and num_workers:
-            try:
-                self._wait_all_ready()
-            except BaseException:
-                self.close()
-                raise
-
-    # -- lifecycle
-    def _spawn(self) -> _Worker:
-        parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=_worker_main,
-            args=(child, self.score_fn, self.soft_timeout_s, self.max_memory_mb),
-            daemon=True,
-            name="ovr-reward-worker",
-        )
-        proc.start()
-        child.close()
-        return _Worker(proc, parent)
-
-    def _kill(self, w: _Worker) -> None:
-        try:
-            if w.proc.is_alive():
-                w.proc.kill()
-            w.proc.join(timeout=5)
-        except Exception:
-            pass
-        try:
-            w.conn.close()
-        except Exception:
-            pass
-
-    def _replace(self, w: _Worker) -> None:
-        self._kill(w)
-        i = self._workers.index(w)
-        self._workers[i] = self._spawn()
-        self.num_restarts += 1
-
-    def _wait_all_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
-        while not all(w.ready for w in self._workers):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise RuntimeError("reward workers did not start within %.0f s" % self.start_timeout_s)
-            waiting = [w for w in self._workers if not w.ready]
-            _mp_wait([w.conn for w in waiting] + [w.proc.sentinel for w in waiting], timeout=left)
-            for w in waiting:
-                self._poll_ready(w)
-
-    def _poll_ready(self, w: _Worker) -> None:
-        """Handle a not-yet-ready worker: consume its 'ready', or replace it if it died."""
-        try:
-            if w.conn.poll():
-                msg = w.conn.recv()
-                if isinstance(msg, tuple) and msg and msg[0] == "ready":
-                    w.ready = True
-                    self._start_failures = 0
-                return
-        except (EOFError, OSError):
-            pass
-        if not w.proc.is_alive() or time.monotonic() - w.born > self.start_timeout_s:
-            self._start_failures += 1
-            if self._start_failures > 3 * max(1, self.num_workers):
-                raise RuntimeError(
-                    "reward workers keep dying during start-up (exit code %s)" % w.proc.exitcode
-                )
-            self._replace(w)
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for w in self._workers:
-            try:
-                w.conn.send(None)
-            except Exception:
-                pass
-        deadline = time.monotonic() + 2.0
-        for w in self._workers:
-            w.proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            self._kill(w)
-        self._workers = []
-
-    def __enter__(self) -> "RewardPool":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    # -- scoring
-    def score_batch(self, items: Sequence[Item] | Iterable[Item]) -> list[RewardResult]:
-        items = list(items)
-        if self._closed:
-            raise RuntimeError("RewardPool is closed")
-        if self.num_workers == 0:
-            return [_score_item(self.score_fn, it, self.timeout_s) for it in items]
-        with self._lock:
-            return self._score_batch(items)
-
-    def _prepare(self, item: Item) -> tuple:
-        response, reference, answer_type, finished = _unpack(item)
-        if isinstance(response, str) and len(response) > MAX_RESPONSE_CHARS:
-            response = response[-MAX_RESPONSE_CHARS:]  # do not pickle 10 MB through a pipe
-        if not finished:
-            response = ""
-        return (response, reference, answer_type, finished)
-
-    def _score_batch(self, items: list) -> list[RewardResult]:
-        n = len(items)
-        results: list[RewardResult | None] = [None] * n
-        pending = deque(range(n))
-        done = 0
-        while done < n:
-            # hand out work
-            for w in self._workers:
-                if not pending:
-                    break
-                if w.ready and w.idx is None:
-                    idx = pending.popleft()
-                    try:
-                        w.conn.send((idx, self._prepare(items[idx])))
-                    except (BrokenPipeError, OSError, EOFError):
-                        pending.appendleft(idx)
-                        self._replace(w)
-                        continue
-                    except Exception:  # unpicklable item
-                        results[idx] = _result("error")
-                        done += 1
-                        continue
-                    w.idx = idx
-                    w.deadline = time.monotonic() + self.timeout_s
-            if done >= n:
-                break
-            busy = [w for w in self._workers if w.idx is not None]
-            starting = [w for w in self._workers if not w.ready]
-            now = time.monotonic()
-            wait_s = min([w.deadline - now for w in busy], default=1.0)
-            wait_s = max(0.0, min(wait_s, 1.0))
-            watched = busy + starting
-            _mp_wait([w.conn for w in watched] + [w.proc.sentinel for w in watched], timeout=wait_s)
-            for w in starting:
-                self._poll_ready(w)
-            now = time.monotonic()
-            for w in busy:
-                idx = w.idx
-                got = None
-                try:
-                    if w.conn.poll():
-                        msg = w.conn.recv()
-                        if isinstance(msg, tuple) and len(msg) == 2 and msg[0] == idx:
-                            got = msg[1]
-                except (EOFError, OSError):
-                    got = None
-                    if results[idx] is None:
-                        results[idx] = _result("crashed")
-                        self.num_crashes += 1
-                        done += 1
-                    w.idx = None
-                    self._replace(w)
-                    continue
-                if got is not None:
-                    results[idx] = got
-                    done += 1
-                    w.idx = None
-                elif not w.proc.is_alive():
-                    results[idx] = _result("crashed")
-                    self.num_crashes += 1
-                    done += 1
-                    w.idx = None
-                    self._replace(w)
-                elif now >= w.deadline:
-                    results[idx] = _result("timeout")
-                    self.num_timeouts += 1
-                    done += 1
-                    w.idx = None
-                    self._replace(w)
-        return results  # type: ignore[return-value]

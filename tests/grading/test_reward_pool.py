@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from ovr_hpc.rl.reward import RewardPool, RewardResult, score
-from tests.rl._pool_hooks import hooked_score
+from ovr_hpc.grading import RewardPool, RewardResult, score
+from tests.grading._pool_hooks import hooked_score
 
 
 def B(x):

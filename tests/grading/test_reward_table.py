@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from ovr_hpc.rl.reward import score
+from ovr_hpc.grading import score
 
 
 def c(answer, reference, expected, note="", answer_type=None):

@@ -3,7 +3,7 @@
 import json
 
 from ovr_hpc.cli import main
-from ovr_hpc.rl.grade import grade_file
+from ovr_hpc.grading.audit import grade_file
 
 LINES = [
     {"response": "so \\boxed{5}", "answer": "5"},
