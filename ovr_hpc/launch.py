@@ -3,9 +3,9 @@
     job = submit("coldstart", "configs/qwen25vl_7b/coldstart.yaml", ["optimizer.lr=1e-5"], nodes=4)
     job.result()   # waits; raises if the run failed
 
-The config is loaded and checked for the job's world size before anything is submitted. Every task of the
+Every pre-run check (ovr_hpc.preflight) runs for the job's ranks before anything is submitted. Every task of the
 job runs `StageTask`, i.e. one rank of `ovr-hpc STAGE CONFIG overrides` in the task's own process, and the
-run ends in the same entry point as the sbatch scripts (`ovr_hpc.cli.run_stage`).
+run ends in the same entry point as the sbatch scripts (`ovr_hpc.run.run_stage`).
 
 Stopping and requeueing (the same contract as slurm/common.sh):
 - While the stage loop runs, its stop flag (ovr_hpc.dist.StopRequest) owns SIGUSR1, SIGUSR2 and SIGTERM:
@@ -27,13 +27,15 @@ the tasks itself and StageTask exports RANK / WORLD_SIZE / MASTER_ADDR / MASTER_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
 import subprocess
 import sys
 import time as _time
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import ovr_hpc.eval.config  # noqa: F401 - registers the "eval" stage for submit() called from Python
 from ovr_hpc.config import ConfigError, load_config
@@ -49,7 +51,7 @@ RUNTIME_ENV_DEFAULTS = {
     "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",  # fewer fragmentation OOMs with packed rows
 }
 
-DEFAULT_FOLDER = os.path.join("logs", "submitit", "%j")
+DEFAULT_FOLDER = os.path.join("logs", "submitit")   # files are named by job id: no literal %j folder
 CLUSTERS = ("auto", "slurm", "local", "debug")
 
 
@@ -78,7 +80,7 @@ class StageTask:
 
         env = submitit.JobEnvironment()
         export_rank_env(env.cluster, env.global_rank, env.local_rank, env.num_tasks, env.num_nodes, env.job_id)
-        from ovr_hpc.cli import run_stage
+        from ovr_hpc.run import run_stage
 
         code = run_stage(self.stage, self.config, self.overrides)
         destroy_process_group()
@@ -211,55 +213,106 @@ def parse_time_minutes(value: int | float | str) -> int:
     return int(math.ceil(minutes))
 
 
-def executor_parameters(
-    stage: str,
-    *,
-    nodes: int = 1,
-    gpus_per_node: int = 8,
-    tasks_per_node: int | None = None,
-    cpus_per_task: int | None = None,
-    mem_gb: float | None = None,
-    partition: str | None = None,
-    time: int | float | str = "24:00:00",
-    name: str | None = None,
-    signal_delay_s: int = 600,
-    slurm_params: dict | None = None,
-) -> dict:
-    """The parameters for submitit's AutoExecutor.update_parameters (pure: unit-tested without a cluster)."""
-    if nodes < 1:
-        raise ValueError(f"nodes ({nodes}) must be >= 1")
-    if gpus_per_node < 0:
-        raise ValueError(f"gpus_per_node ({gpus_per_node}) must be >= 0")
-    tasks = tasks_per_node if tasks_per_node is not None else max(1, gpus_per_node)
-    if tasks < 1:
-        raise ValueError(f"tasks_per_node ({tasks}) must be >= 1")
-    timeout_min = parse_time_minutes(time)
-    if signal_delay_s >= timeout_min * 60:
-        raise ValueError(
-            f"signal_delay_s ({signal_delay_s}) must be shorter than the time limit ({timeout_min * 60} s): the "
-            "warning would come at once"
-        )
+@dataclass
+class Resources:
+    """What a job asks Slurm for: one list of fields shared by `submit()`, `executor_parameters()`, `make_executor()`
+    and the `ovr-hpc submit` flags (each field is the flag of the same name: cpus_per_task = --cpus-per-task).
+    Errors name the flag."""
+
+    nodes: int = 1
+    """Nodes of the job."""
+    gpus_per_node: int | str = 8
+    """GPUs per node: a count, or TYPE:COUNT (h100:8); 0 on CPU-only machines."""
+    tasks_per_node: Optional[int] = None
+    """Ranks per node (default: one per GPU; 1 without GPUs)."""
+    cpus_per_task: Optional[int] = 8
+    """CPUs per rank (data loading, reward workers), as the sbatch scripts give; 0 = Slurm's default."""
+    mem: Optional[str] = "0"
+    """Memory per node in Slurm's syntax: 0 = all of the node's (as the sbatch scripts), 480G, 500000M."""
+    partition: Optional[str] = None
+    """Slurm partition."""
+    time: int | float | str = "24:00:00"
+    """Time limit: minutes or a Slurm time (4:00:00, 1-12:00:00)."""
+    account: Optional[str] = None
+    """Slurm account to charge."""
+    qos: Optional[str] = None
+    """Slurm quality of service."""
+    constraint: Optional[str] = None
+    """Slurm node features (h100, "a100&ib")."""
+    name: Optional[str] = None
+    """Job name (default ovr-STAGE)."""
+    signal_delay_s: int = 600
+    """The warning signal (USR2) this many seconds before the time limit."""
+
+    @property
+    def gpu_count(self) -> int:
+        return _gpu_count(self.gpus_per_node)
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tasks_per_node if self.tasks_per_node is not None else max(1, self.gpu_count)
+
+    def validate(self) -> None:
+        if self.nodes < 1:
+            raise ValueError(f"--nodes ({self.nodes}) must be >= 1")
+        if self.gpu_count < 0:
+            raise ValueError(f"--gpus-per-node ({self.gpus_per_node}) must be >= 0")
+        if self.ranks_per_node < 1:
+            raise ValueError(f"--tasks-per-node ({self.ranks_per_node}) must be >= 1")
+        if self.cpus_per_task is not None and self.cpus_per_task < 0:
+            raise ValueError(f"--cpus-per-task ({self.cpus_per_task}) must be >= 0")
+        if self.mem is not None and not re.fullmatch(r"\d+(\.\d+)?[KMGT]?B?", str(self.mem), re.IGNORECASE):
+            raise ValueError(f"--mem ({self.mem}): expected Slurm's syntax, e.g. 0 (all of the node's), 480G, 500000M")
+        timeout_min = parse_time_minutes(self.time)
+        if self.signal_delay_s >= timeout_min * 60:
+            raise ValueError(
+                f"--signal-delay-s ({self.signal_delay_s}) must be shorter than --time ({timeout_min * 60} s): the "
+                "warning would come at once"
+            )
+
+
+def _gpu_count(value: int | str) -> int:
+    """8 from 8, "8" or "h100:8"."""
+    text = str(value).strip()
+    m = re.fullmatch(r"(?:([A-Za-z][\w.-]*):)?(-?\d+)", text)
+    if not m:
+        raise ValueError(f"--gpus-per-node ({value}): expected a count or TYPE:COUNT, e.g. 8 or h100:8")
+    return int(m.group(2))
+
+
+RESOURCE_FIELDS = tuple(f.name for f in dataclasses.fields(Resources))
+
+
+def executor_parameters(stage: str, resources: Resources | None = None, *, slurm_params: dict | None = None,
+                        **fields: Any) -> dict:
+    """The parameters for submitit's AutoExecutor.update_parameters (pure: unit-tested without a cluster).
+    `fields` are Resources fields (nodes=..., gpus_per_node=..., ...) when no `resources` is given."""
+    res = resources if resources is not None else Resources(**_resource_fields(fields))
+    res.validate()
     params: dict[str, Any] = {
-        "name": name or f"ovr-{stage}",
-        "nodes": nodes,
-        "tasks_per_node": tasks,
-        "timeout_min": timeout_min,
-        "slurm_signal_delay_s": int(signal_delay_s),
+        "name": res.name or f"ovr-{stage}",
+        "nodes": res.nodes,
+        "tasks_per_node": res.ranks_per_node,
+        "timeout_min": parse_time_minutes(res.time),
+        "slurm_signal_delay_s": int(res.signal_delay_s),
         # requeue allowed (preemption, node failure), and srun ends the step 300 s after a first task exits,
         # so a crashed rank does not leave the others blocked in a collective
         "slurm_additional_parameters": {"requeue": True},
         "slurm_srun_args": ["--kill-on-bad-exit=0", "--wait=300"],
     }
-    if gpus_per_node:
-        params["gpus_per_node"] = gpus_per_node
-    if cpus_per_task:
-        params["cpus_per_task"] = cpus_per_task
+    if res.gpu_count:
+        params["gpus_per_node"] = res.gpu_count
+        if not str(res.gpus_per_node).strip().isdigit():   # h100:8: Slurm gets the type too (wins over the count)
+            params["slurm_gpus_per_node"] = str(res.gpus_per_node).strip()
+    if res.cpus_per_task:
+        params["cpus_per_task"] = res.cpus_per_task
         # srun no longer inherits sbatch's --cpus-per-task (Slurm >= 22.05)
-        params["slurm_setup"] = [f"export SRUN_CPUS_PER_TASK={cpus_per_task}"]
-    if mem_gb is not None:
-        params["mem_gb"] = mem_gb
-    if partition:
-        params["slurm_partition"] = partition
+        params["slurm_setup"] = [f"export SRUN_CPUS_PER_TASK={res.cpus_per_task}"]
+    if res.mem is not None:
+        params["slurm_mem"] = str(res.mem)
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(res, key):
+            params[f"slurm_{key}"] = getattr(res, key)
     for key, value in (slurm_params or {}).items():
         if key == "additional_parameters":
             params["slurm_additional_parameters"] = {**params["slurm_additional_parameters"], **value}
@@ -268,12 +321,25 @@ def executor_parameters(
     return params
 
 
-def make_executor(folder: str | None = None, cluster: str = "auto", max_requeues: int = 20, **parameters: Any):
-    """A submitit AutoExecutor with `executor_parameters(**parameters)` applied (no job submitted)."""
+def _resource_fields(fields: dict) -> dict:
+    unknown = sorted(set(fields) - set(RESOURCE_FIELDS) - {"mem_gb"})
+    if unknown:
+        raise TypeError(f"unknown resources {', '.join(unknown)}: expected {', '.join(RESOURCE_FIELDS)}")
+    fields = dict(fields)
+    if fields.get("mem_gb") is not None:   # the earlier keyword: GB per node
+        fields["mem"] = f"{fields['mem_gb']:g}G"
+    fields.pop("mem_gb", None)
+    return fields
+
+
+def make_executor(folder: str | None = None, cluster: str = "auto", max_requeues: int = 20, *, stage: str,
+                  resources: Resources | None = None, slurm_params: dict | None = None, **fields: Any):
+    """A submitit AutoExecutor with `executor_parameters(...)` applied (no job submitted)."""
     import submitit
 
     if cluster not in CLUSTERS:
-        raise ValueError(f"cluster {cluster!r}: expected one of {', '.join(CLUSTERS)}")
+        raise ValueError(f"--cluster {cluster!r}: expected one of {', '.join(CLUSTERS)}")
+    res = resources if resources is not None else Resources(**_resource_fields(fields))
     folder = os.path.abspath(folder or DEFAULT_FOLDER)
     executor = submitit.AutoExecutor(
         folder=folder,
@@ -281,11 +347,12 @@ def make_executor(folder: str | None = None, cluster: str = "auto", max_requeues
         slurm_max_num_timeout=max_requeues,
         local_max_num_timeout=max_requeues,
     )
-    params = executor_parameters(**parameters)
+    params = executor_parameters(stage, res, slurm_params=slurm_params)
     if executor.cluster != "slurm":
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+        params.pop("cpus_per_task", None)   # local processes share this machine's CPUs
     if executor.cluster == "local" and params["nodes"] > 1:
-        raise ValueError(f"cluster='local' runs on this machine only: nodes ({params['nodes']}) must be 1")
+        raise ValueError(f"--cluster local runs on this machine only: --nodes ({params['nodes']}) must be 1")
     executor.update_parameters(**params)
     return executor
 
@@ -294,83 +361,87 @@ def submit(
     stage: str,
     config: str,
     overrides: Sequence[str] = (),
+    resources: Resources | None = None,
     *,
-    nodes: int = 1,
-    gpus_per_node: int = 8,
-    tasks_per_node: int | None = None,
-    cpus_per_task: int | None = None,
-    mem_gb: float | None = None,
-    partition: str | None = None,
-    time: int | float | str = "24:00:00",
     cluster: str = "auto",
     folder: str | None = None,
-    name: str | None = None,
-    signal_delay_s: int = 600,
     max_requeues: int = 20,
     slurm_params: dict | None = None,
+    **fields: Any,
 ):
-    """Check the config, then submit STAGE as nodes x tasks_per_node ranks; returns the submitit Job.
+    """Run every pre-run check (ovr_hpc.preflight) for the job's ranks, then submit STAGE as nodes x
+    tasks_per_node ranks; returns the submitit Job.
 
-    tasks_per_node defaults to gpus_per_node (one rank per GPU; gpus_per_node=0 runs one CPU rank per node).
-    time is minutes or a Slurm time string. cluster: "auto" (Slurm when srun exists, else local processes),
-    "slurm", "local" (this machine, several processes), or "debug" (in this process). slurm_params are extra
-    submitit Slurm parameters without their prefix, e.g. {"account": "proj", "qos": "high", "constraint":
-    "h100"}. Raises ConfigError, before anything is submitted, when the config cannot run.
+    `resources` (or its fields as keywords: nodes=4, gpus_per_node="h100:8", time="2-00:00:00", ...) is what
+    the job asks for; tasks_per_node defaults to the GPUs per node (one rank per GPU; gpus_per_node=0 runs one
+    CPU rank per node). cluster: "auto" (Slurm when srun exists, else local processes), "slurm", "local" (this
+    machine, several processes), or "debug" (in this process). slurm_params are extra submitit Slurm
+    parameters without their prefix, e.g. {"exclude": "node[1-3]"}. Raises ConfigError, before anything is
+    submitted, when the run would fail; ValueError naming the flag for bad resources.
     """
+    from ovr_hpc import preflight
+
     overrides = list(overrides)
+    res = resources if resources is not None else Resources(**_resource_fields(fields))
+    res.validate()
     cfg = load_config(stage, config, overrides)
-    tasks = tasks_per_node if tasks_per_node is not None else max(1, gpus_per_node)
-    if hasattr(cfg, "validate_world"):  # checks that need the number of ranks
-        cfg.validate_world(nodes * tasks)
-    executor = make_executor(
-        folder, cluster, max_requeues, stage=stage, nodes=nodes, gpus_per_node=gpus_per_node,
-        tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task, mem_gb=mem_gb, partition=partition,
-        time=time, name=name, signal_delay_s=signal_delay_s, slurm_params=slurm_params,
-    )
+    launch = preflight.Launch(ranks=res.nodes * res.ranks_per_node, nodes=res.nodes,
+                              tasks_per_node=res.ranks_per_node, gpus_per_node=res.gpu_count or None, flags="submit")
+    for note in preflight.check(stage, cfg, launch).notes:
+        _log(f"note: {note}")
+    executor = make_executor(folder, cluster, max_requeues, stage=stage, resources=res, slurm_params=slurm_params)
     return executor.submit(StageTask(stage, os.path.abspath(config), overrides))
 
 
 # ----------------------------------------------------------------------------- `ovr-hpc submit`
 
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ovr-hpc submit",
-        description="Check a config, then submit a stage through submitit (Slurm, or local processes).",
-        epilog="example: ovr-hpc submit coldstart configs/qwen25vl_7b/coldstart.yaml --nodes 4 --time 2-00:00:00 "
-        "optimizer.lr=1e-5",
+        description="Run every pre-run check for the job's ranks, then submit a stage through submitit (Slurm, or "
+        "local processes).",
+        epilog="example: ovr-hpc submit coldstart configs/qwen25vl_7b/coldstart.yaml --nodes 4 --gpus-per-node h100:8 "
+        "--time 2-00:00:00 --account proj optimizer.lr=1e-5",
     )
     p.add_argument("stage", help="coldstart, rl or eval")
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8, help="0 on CPU-only machines")
-    p.add_argument("--tasks-per-node", type=int, default=None, help="ranks per node (default: gpus per node)")
-    p.add_argument("--cpus-per-task", type=int, default=None)
-    p.add_argument("--mem-gb", type=float, default=None)
-    p.add_argument("--partition", default=None)
-    p.add_argument("--time", default="24:00:00", help="minutes or a Slurm time (default 24:00:00)")
+    defaults = Resources()
+    docs = _resource_docs()
+    for name in RESOURCE_FIELDS:
+        default = getattr(defaults, name)
+        kind = int if name in ("nodes", "tasks_per_node", "cpus_per_task", "signal_delay_s") else str
+        shown = "" if default is None else f" (default {default})"
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
+                       help=(docs.get(name, "") + shown).replace("%", "%%"))
+    p.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (the same as --mem NG)")
     p.add_argument("--cluster", choices=CLUSTERS, default="auto")
-    p.add_argument("--folder", default=None, help="submitit logs and pickles (default " + DEFAULT_FOLDER.replace("%", "%%") + ")")
-    p.add_argument("--name", default=None, help="job name (default ovr-STAGE)")
-    p.add_argument("--signal-delay-s", type=int, default=600, help="warning signal this long before the limit")
+    p.add_argument("--folder", default=None, help="submitit logs and pickles (default " + DEFAULT_FOLDER + ")")
     p.add_argument("--max-requeues", type=int, default=20)
-    p.add_argument("--account", default=None)
-    p.add_argument("--qos", default=None)
     p.add_argument("--wait", action="store_true", help="wait for the job and exit with its outcome")
     return p
 
 
+def _resource_docs() -> dict:
+    """{field: the docstring under it} of Resources (as scripts/config_keys.py reads the config classes)."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(Resources)).body[0].body
+    return {node.target.id: " ".join(str(after.value.value).split()) for node, after in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)}
+
+
 def cli_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    slurm_params = {k: v for k, v in (("account", args.account), ("qos", args.qos)) if v}
+    fields = {name: getattr(args, name) for name in RESOURCE_FIELDS}
+    if args.mem_gb is not None:
+        fields["mem"] = f"{args.mem_gb:g}G"
     try:
-        job = submit(
-            args.stage, args.config, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-            tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, mem_gb=args.mem_gb,
-            partition=args.partition, time=args.time, cluster=args.cluster, folder=args.folder, name=args.name,
-            signal_delay_s=args.signal_delay_s, max_requeues=args.max_requeues, slurm_params=slurm_params,
-        )
+        job = submit(args.stage, args.config, args.overrides, Resources(**fields), cluster=args.cluster,
+                     folder=args.folder, max_requeues=args.max_requeues)
     except ConfigError as e:
         print(f"ovr-hpc: config error: {e}", file=sys.stderr)
         return 2

@@ -309,8 +309,8 @@ def _check_layout(result: Preflight) -> None:
         needed = par.autotp_size > 1
     if not needed:
         return
-    if dims is None:
-        result.notes.append(f"not checked: {what} (the model's sizes are unknown)")
+    if dims is None or not {"num_attention_heads", "num_key_value_heads"} <= dims.keys():
+        result.notes.append(f"not checked: {what} (the model's config.json does not give its heads)")
         return
     paths = [("model.path", cfg.model.path, dims)]
     critic = getattr(cfg, "critic", None)

@@ -4,8 +4,8 @@
 #
 # In a job (`sbatch slurm/STAGE.sh CONFIG [key=value ...]`), ovr_main:
 #   1. prints a header: job, nodes, tasks, GPUs, rendezvous, git commit, then the resolved config;
-#   2. validates the config for this job's world size (`ovr-hpc check`) before anything starts, so a
-#      bad config fails within seconds with the config system's message;
+#   2. runs every pre-run check (`ovr-hpc check`, ovr_hpc/preflight.py) for this job's ranks before
+#      anything starts, so a run that would fail ends within seconds with a message naming the fix;
 #   3. starts one task per GPU with srun, each running `ovr-hpc STAGE CONFIG ...` (rank, local rank
 #      and world size come from SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS, see ovr_hpc/dist.py);
 #   4. reads the tasks' exit status. 75 means a signal asked them to stop, all ranks agreed at a step
@@ -14,8 +14,9 @@
 #      times; the next run resumes from OUTPUT_DIR/checkpoints/latest by itself. If Slurm is already
 #      ending the job (scancel, scontrol requeue, the time limit), Slurm decides what happens next.
 #
-# On a login node (`slurm/STAGE.sh [SBATCH_OPTIONS --] CONFIG [key=value ...]`): validates the config,
-# then submits the same script with sbatch, so a bad config never reaches the queue.
+# On a login node (`slurm/STAGE.sh [SBATCH_OPTIONS --] CONFIG [key=value ...]`): runs the same checks
+# for the ranks the job will have (the #SBATCH defaults with SBATCH_OPTIONS applied), then submits the
+# same script with sbatch, so a run that would fail never reaches the queue.
 #
 # Environment:
 #   OVR_PYTHON        command running a Python that imports ovr_hpc (default: the first of python3,
@@ -111,8 +112,15 @@ ovr_submit() {
     fi
   done
   [ $# -ge 1 ] || ovr_usage "$stage"
+  if [ ${#sbatch_args[@]} = 0 ] && [ "${1:0:1}" = "-" ]; then
+    echo "ovr-hpc: '$1' is not a config: sbatch options go before '--', e.g." \
+      "slurm/$stage.sh $1 -- CONFIG [key=value ...]" >&2
+    exit 2
+  fi
+  # every pre-run check, for the ranks the job will have (the #SBATCH defaults with these options applied)
   # shellcheck disable=SC2086 # OVR_PYTHON may be a command with arguments
-  $py -m ovr_hpc.cli check "$stage" "$@" --quiet || exit $?
+  $py -m ovr_hpc.cli check "$stage" "$@" --quiet --sbatch-script "$script" \
+    --sbatch-args "${sbatch_args[*]@Q}" || exit $?
   mkdir -p logs # the default --output folder; Slurm does not create it
   export OVR_HPC_ROOT="$root"
   exec sbatch "${sbatch_args[@]}" "$script" "$@"
@@ -123,6 +131,11 @@ ovr_job() {
   local stage="$1" root="$2" py="$3"
   shift 3
   [ $# -ge 1 ] || ovr_usage "$stage"
+  if [ "${1:0:1}" = "-" ]; then
+    echo "ovr-hpc: '$1' is not a config: sbatch options go before the script," \
+      "sbatch $1 slurm/$stage.sh CONFIG [key=value ...]" >&2
+    exit 2
+  fi
   local restarts="${SLURM_RESTART_COUNT:-0}" max_requeues="${OVR_MAX_REQUEUES:-20}"
 
   ovr_export_defaults
@@ -141,9 +154,12 @@ ovr_job() {
   echo "python    $py"
   echo "command   ovr-hpc $stage $*"
   echo "config    (resolved)"
-  # validated on this node before srun starts anything; exit 2 and the config system's message if bad
+  # every pre-run check on this node before srun starts anything (the job's ranks, GPUs per node, the
+  # checkpoint it resumes from); exit 2 and the message if the run would fail
+  local per_node="${SLURM_NTASKS_PER_NODE%%[!0-9]*}" gpus="${SLURM_GPUS_ON_NODE%%[!0-9]*}"
   # shellcheck disable=SC2086
-  $py -m ovr_hpc.cli check "$stage" "$@" --world-size "${SLURM_NTASKS:-1}" | sed 's/^/    /'
+  $py -m ovr_hpc.cli check "$stage" "$@" --world-size "${SLURM_NTASKS:-1}" \
+    --tasks-per-node "${per_node:-0}" --gpus-per-node "${gpus:-0}" | sed 's/^/    /'
   local check_rc="${PIPESTATUS[0]}"
   if [ "$check_rc" != 0 ]; then
     ovr_say "config rejected (exit $check_rc); nothing was started"

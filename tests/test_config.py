@@ -99,10 +99,11 @@ def test_check_cli_rejects_fast():
     assert "config error: parallel.zero_stage (7) must be 1, 2 or 3" in proc.stderr
 
 
-def test_check_cli_overrides_after_options(capsys):
+def test_check_cli_overrides_after_options(capsys, tmp_path):
     from ovr_hpc.cli import main
+    from tests.test_preflight import inputs
 
-    rc = main(["check", "coldstart", f"{REPO}/configs/tiny/coldstart.yaml", "--world-size", "2",
+    rc = main(["check", "coldstart", f"{REPO}/configs/tiny/coldstart.yaml", *inputs(tmp_path), "--world-size", "2",
                "parallel.global_batch_size=3"])
     assert rc == 2
     assert "parallel.global_batch_size (3) must be divisible" in capsys.readouterr().err
@@ -114,10 +115,15 @@ def test_megatron_refuses_deepspeed_offload():
                                  "parallel.engine=megatron", "parallel.offload_optimizer=true"])
 
 
-def test_tensor_parallel_must_split_whole_heads(tiny_model_dir):
+def test_tensor_parallel_must_split_whole_heads(tiny_model_dir, tmp_path):
+    """A model-dependent check: ovr_hpc.preflight's (load_config reads no model files)."""
+    from ovr_hpc import preflight
+    from tests.test_preflight import fake_data
+
+    cfg = load_config("coldstart", None, [f"model.path={tiny_model_dir}", f"data.train_files=[{fake_data(tmp_path)}]",
+                                          "checkpoint.output_dir=o", "parallel.autotp_size=2", "parallel.zero_stage=2"])
     with pytest.raises(ConfigError, match=r"parallel.autotp_size \(2\) must divide the model's num_key_value_heads \(1"):
-        load_config("coldstart", None, [f"model.path={tiny_model_dir}", "data.train_files=[d.jsonl]",
-                                        "checkpoint.output_dir=o", "parallel.autotp_size=2", "parallel.zero_stage=2"])
+        preflight.check("coldstart", cfg)
 
 
 @pytest.mark.parametrize("stage", ["coldstart", "rl", "eval"])
@@ -168,14 +174,23 @@ def qwen25vl_dir(root, size, nested=True):
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
+    for name in ("model.safetensors", "preprocessor_config.json", "tokenizer_config.json"):  # stand-ins
+        open(os.path.join(path, name), "w").close()
     return path
 
 
 def megatron(model_path, tp, pp=1, stage="coldstart", extra=()):
-    overrides = [f"model.path={model_path}", "data.train_files=[d.jsonl]", "checkpoint.output_dir=o",
+    """The config after every pre-run check (the layout against the model is preflight's)."""
+    from ovr_hpc import preflight
+    from tests.test_preflight import fake_data
+
+    data = fake_data(os.path.dirname(model_path), "sft" if stage == "coldstart" else "rl")
+    overrides = [f"model.path={model_path}", f"data.train_files=[{data}]", "checkpoint.output_dir=o",
                  "parallel.engine=megatron", f"parallel.tensor_parallel_size={tp}",
                  f"parallel.pipeline_parallel_size={pp}", *extra]
-    return load_config(stage, None, overrides)
+    cfg = load_config(stage, None, overrides)
+    preflight.check(stage, cfg)
+    return cfg
 
 
 @pytest.mark.parametrize("nested", [True, False], ids=["text_config", "top_level"])
@@ -260,8 +275,13 @@ def test_large_configs_layout(tmp_path, size, tp, pp, world, stage):
     """configs/qwen25vl_{32b,72b}: megatron TP x PP, against the model's sizes, two replicas at their node count."""
     path = os.path.join(REPO, "configs", f"qwen25vl_{size}", f"{stage}.yaml")
     assert path in sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml")))  # test_shipped_configs_validate too
-    overrides = [f"model.path={qwen25vl_dir(tmp_path, size)}"] + (["rollout.engine=hf"] if stage == "rl" else [])
+    from ovr_hpc import preflight
+    from tests.test_preflight import fake_data
+
+    overrides = [f"model.path={qwen25vl_dir(tmp_path, size)}", f"data.train_files=[{fake_data(tmp_path)}]"] + \
+        (["rollout.engine=hf"] if stage == "rl" else [])
     cfg = load_config(stage, path, overrides)
+    preflight.check(stage, cfg)   # the layout against the model's heads and layers
     p = cfg.parallel
     assert (p.engine, p.tensor_parallel_size, p.pipeline_parallel_size, p.megatron_spec) == ("megatron", tp, pp, "auto")
     assert p.data_parallel_size(world) == 2
@@ -313,8 +333,10 @@ def test_check_cli_refuses_a_checkpoint_this_layout_cannot_load(tmp_path):
     (step / "config.yaml").write_text("parallel:\n  zero_stage: 2\n  autotp_size: 2\n")
     for rank in range(2):
         (step / f"rng_rank{rank}.pt").write_bytes(b"")
-    base = ["check", "coldstart", f"{REPO}/configs/tiny/coldstart.yaml", f"checkpoint.output_dir={tmp_path / 'run'}",
-            "parallel.zero_stage=2", "--quiet", "--world-size"]
+    from tests.test_preflight import inputs
+
+    base = ["check", "coldstart", f"{REPO}/configs/tiny/coldstart.yaml", *inputs(tmp_path),
+            f"checkpoint.output_dir={tmp_path / 'run'}", "parallel.zero_stage=2", "--quiet", "--world-size"]
 
     def check(*args):
         code = f"import sys; from ovr_hpc.cli import main; rc = main({base + list(args)!r}); " \

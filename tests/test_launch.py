@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import stat
@@ -14,6 +15,7 @@ import pytest
 
 from ovr_hpc import dist, launch
 from ovr_hpc.config import ConfigError
+from tests.test_preflight import inputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "slurm", "coldstart.sh")
@@ -46,7 +48,7 @@ def test_executor_parameters_golden():
         "tasks_per_node": 8,
         "gpus_per_node": 8,
         "cpus_per_task": 12,
-        "mem_gb": 480,
+        "slurm_mem": "480G",
         "timeout_min": 2880,
         "slurm_partition": "gpu",
         "slurm_signal_delay_s": 600,
@@ -61,9 +63,9 @@ def test_executor_parameters_cpu_ranks_and_checks():
     params = launch.executor_parameters("coldstart", gpus_per_node=0, tasks_per_node=2, time=30, signal_delay_s=60)
     assert params["tasks_per_node"] == 2 and "gpus_per_node" not in params
     assert launch.executor_parameters("coldstart", gpus_per_node=0, time=30, signal_delay_s=60)["tasks_per_node"] == 1
-    with pytest.raises(ValueError, match="signal_delay_s"):
+    with pytest.raises(ValueError, match="--signal-delay-s"):
         launch.executor_parameters("coldstart", time=5)  # the default 600 s warning would come at once
-    with pytest.raises(ValueError, match="nodes"):
+    with pytest.raises(ValueError, match="--nodes"):
         launch.executor_parameters("coldstart", nodes=0)
 
 
@@ -89,6 +91,7 @@ def test_sbatch_file_submitit_writes_golden(tmp_path, fake_srun):
         #SBATCH --error=FOLDER/%j/%j_0_log.err
         #SBATCH --gpus-per-node=8
         #SBATCH --job-name=ovr-coldstart
+        #SBATCH --mem=0
         #SBATCH --nodes=2
         #SBATCH --ntasks-per-node=8
         #SBATCH --open-mode=append
@@ -115,14 +118,14 @@ def test_local_executor_drops_slurm_parameters(tmp_path):
     assert executor.cluster == "local"
     assert executor.parameters["tasks_per_node"] == 2
     assert not any(k.startswith("slurm") for k in executor.parameters)
-    with pytest.raises(ValueError, match="nodes"):
+    with pytest.raises(ValueError, match="--nodes"):
         launch.make_executor(str(tmp_path), "local", stage="coldstart", nodes=2, gpus_per_node=0, time=30,
                              signal_delay_s=60)
-    with pytest.raises(ValueError, match="cluster"):
+    with pytest.raises(ValueError, match="--cluster"):
         launch.make_executor(str(tmp_path), "kubernetes", stage="coldstart")
 
 
-def test_submit_rejects_bad_config_before_anything_is_submitted(monkeypatch):
+def test_submit_rejects_bad_config_before_anything_is_submitted(monkeypatch, tmp_path):
     def no_executor(*a, **k):
         raise AssertionError("an executor was built for a bad config")
 
@@ -131,7 +134,12 @@ def test_submit_rejects_bad_config_before_anything_is_submitted(monkeypatch):
         launch.submit("coldstart", TINY, ["parallel.zero_stage=5"])
     # checks that need the world size: 3 nodes x 1 rank cannot split a global batch of 8
     with pytest.raises(ConfigError, match="global_batch_size"):
-        launch.submit("coldstart", TINY, nodes=3, gpus_per_node=1)
+        launch.submit("coldstart", TINY, inputs(tmp_path), nodes=3, gpus_per_node=1)
+    # and the model and data it names (every preflight check)
+    with pytest.raises(ConfigError, match="model.path = 'runs/tiny/model' does not exist"):
+        launch.submit("coldstart", TINY, nodes=1, gpus_per_node=8)
+    with pytest.raises(ConfigError, match=r"3 ranks per node \(--tasks-per-node\) but 2 GPUs per node"):
+        launch.submit("coldstart", TINY, inputs(tmp_path), nodes=1, gpus_per_node=2, tasks_per_node=3)
     with pytest.raises(ConfigError, match="unknown stage"):
         launch.submit("pretrain", TINY)
 
@@ -329,7 +337,21 @@ SRUN_CPUS_PER_TASK=${SRUN_CPUS_PER_TASK:-} NCCL_DEBUG=$NCCL_DEBUG" >> "$FAKE_LOG
     return fake
 
 
+def tiny_tree(root) -> str:
+    """A folder holding what the tiny configs name (runs/tiny/...), as stand-ins the checks accept."""
+    from tests.test_preflight import fake_data, fake_model
+
+    tiny = os.path.join(str(root), "work", "runs", "tiny")
+    os.makedirs(os.path.join(tiny, "data"), exist_ok=True)
+    fake_model(tiny, "model")
+    fake_model(tiny, "coldstart_model")
+    for name, kind in (("coldstart", "sft"), ("heldout", "rl"), ("rl", "rl")):
+        os.replace(fake_data(os.path.join(tiny, "data"), kind), os.path.join(tiny, "data", f"{name}.jsonl"))
+    return os.path.join(str(root), "work")
+
+
 def run_script(tmp_path, args, job=True, script=SCRIPT, **env_overrides):
+    """The script run from a folder holding the tiny configs' model and data (stand-ins)."""
     fake = _fake_bin(tmp_path)
     log = tmp_path / "calls.log"
     log.write_text("")
@@ -341,7 +363,8 @@ def run_script(tmp_path, args, job=True, script=SCRIPT, **env_overrides):
                    SLURM_NTASKS_PER_NODE="4", SLURM_CPUS_PER_TASK="12", SLURM_GPUS_ON_NODE="8",
                    SLURM_SUBMIT_DIR=REPO)
     env.update({k: str(v) for k, v in env_overrides.items()})
-    proc = subprocess.run(["bash", script, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(["bash", script, *args], cwd=tiny_tree(tmp_path), env=env, capture_output=True, text=True,
+                          timeout=120)
     return proc, log.read_text()
 
 
@@ -402,9 +425,10 @@ def test_job_with_a_bad_config_starts_nothing(tmp_path, override, message):
 
 
 def test_login_node_run_checks_then_submits(tmp_path):
-    proc, calls = run_script(tmp_path, ["-N", "4", "--time", "1:00:00", "--", TINY, "seed=1"], job=False)
+    batch = "parallel.global_batch_size=32"   # 4 nodes x the script's 8 tasks: 32 ranks
+    proc, calls = run_script(tmp_path, ["-N", "4", "--time", "1:00:00", "--", TINY, "seed=1", batch], job=False)
     assert proc.returncode == 0, proc.stderr
-    assert calls.strip() == f"sbatch -N 4 --time 1:00:00 {SCRIPT} {TINY} seed=1"
+    assert calls.strip() == f"sbatch -N 4 --time 1:00:00 {SCRIPT} {TINY} seed=1 {batch}"
     proc, calls = run_script(tmp_path, [TINY, "seed=1"], job=False)
     assert calls.strip() == f"sbatch {SCRIPT} {TINY} seed=1"
     proc, calls = run_script(tmp_path, [TINY, "schedule.kind=step"], job=False)
@@ -450,3 +474,88 @@ def test_submit_local_runs_several_processes(tmp_path, tiny_model_dir):
     assert [r["status"] for r in results] == ["completed", "completed"]
     assert os.path.exists(out / "checkpoints" / "latest" / "COMPLETE")
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+# ----------------------------------------------------------------------------- what reaches the queue runs
+
+
+def test_login_node_checks_the_jobs_ranks(tmp_path):
+    """The 7B recipe's global batch of 640 on 3 nodes (24 ranks) never reaches the queue."""
+    proc, calls = run_script(tmp_path, ["--nodes=3", "--", TINY, "parallel.global_batch_size=640"], job=False)
+    assert proc.returncode == 2 and calls == ""
+    assert ("parallel.global_batch_size (640) must be divisible by data-parallel size (24) x "
+            "parallel.micro_batch_size (1) = 24, for the job's 24 ranks (3 nodes x 8 ranks); node counts that work "
+            "with 8 ranks per node: 1, 2, 4, 5, 8, 10") in proc.stderr
+
+
+@pytest.mark.parametrize("job", [False, True], ids=["login_node", "in_job"])
+def test_fewer_gpus_than_tasks_per_node_is_refused(tmp_path, job):
+    if job:
+        proc, calls = run_script(tmp_path, [TINY], SLURM_NTASKS_PER_NODE=8, SLURM_GPUS_ON_NODE=4, SLURM_NTASKS=8)
+    else:
+        proc, calls = run_script(tmp_path, ["--gpus-per-node=4", "--", TINY], job=False)
+    assert proc.returncode == 2 and "srun" not in calls and "sbatch" not in calls
+    assert ("8 ranks per node (--ntasks-per-node) but 4 GPUs per node (--gpus-per-node): ranks would share a GPU. "
+            "Give --ntasks-per-node=4 together with --gpus-per-node=4") in proc.stderr
+    if not job:   # both lowered: fine
+        proc, calls = run_script(tmp_path, ["--gpus-per-node=4", "--ntasks-per-node=4", "--", TINY], job=False)
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("job, hint", [
+    (False, "'--nodes=2' is not a config: sbatch options go before '--', e.g. slurm/coldstart.sh --nodes=2 -- CONFIG"),
+    (True, "'--nodes=2' is not a config: sbatch options go before the script, sbatch --nodes=2 slurm/coldstart.sh "
+           "CONFIG"),
+])
+def test_sbatch_options_in_the_wrong_place_get_a_hint(tmp_path, job, hint):
+    proc, calls = run_script(tmp_path, ["--nodes=2", TINY], job=job)
+    assert proc.returncode == 2 and hint in proc.stderr and calls == ""
+
+
+def test_submit_help_lists_every_resource_flag(capsys):
+    from ovr_hpc.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["submit", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--nodes", "--gpus-per-node", "--tasks-per-node", "--cpus-per-task", "--mem", "--partition",
+                 "--time", "--account", "--qos", "--constraint", "--signal-delay-s"):
+        assert flag in out, flag
+    assert "h100:8" in out
+
+
+def test_submitit_job_asks_for_what_the_sbatch_scripts_do(tmp_path, fake_srun):
+    """CPUs per task and all of the node's memory by default; typed GPUs, constraint and account passed on."""
+    executor = launch.make_executor(str(tmp_path), "slurm", stage="rl", nodes=8, gpus_per_node="h100:8",
+                                    constraint="h100&ib", account="proj", qos="high", time="3-00:00:00")
+    text = executor._executor._make_submission_file_text("CMD", "uid")
+    for line in ("#SBATCH --cpus-per-task=8", "#SBATCH --mem=0", "#SBATCH --gpus-per-node=h100:8",
+                 "#SBATCH --ntasks-per-node=8", "#SBATCH --constraint='h100&ib'", "#SBATCH --account=proj",
+                 "#SBATCH --qos=high", "export SRUN_CPUS_PER_TASK=8"):
+        assert line in text.splitlines(), (line, text)
+    assert text.count("--gpus-per-node") == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nodes", "0"], "--nodes (0) must be >= 1"),
+    (["--time", "5"], "--signal-delay-s (600) must be shorter than --time (300 s)"),
+    (["--gpus-per-node", "h100"], "--gpus-per-node (h100): expected a count or TYPE:COUNT"),
+    (["--mem", "lots"], "--mem (lots): expected Slurm's syntax"),
+])
+def test_submit_errors_name_the_flag(capsys, args, message):
+    assert launch.cli_main(["coldstart", TINY, *args]) == 2
+    assert f"ovr-hpc submit: {message}" in capsys.readouterr().err
+
+
+def test_no_literal_percent_j_folder(tmp_path, monkeypatch):
+    """The default folder is flat (submitit names the files by job id): a `%j` in it would stay behind as a
+    literal folder, which submitit makes before the job id is known."""
+    assert "%j" not in launch.DEFAULT_FOLDER
+    overrides = inputs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(launch, "StageTask", lambda *a: functools.partial(str, "done"))   # no training
+    job = launch.submit("coldstart", TINY, overrides, cluster="local", gpus_per_node=0, time=10, signal_delay_s=60)
+    assert job.result() == "done"
+    names = os.listdir(tmp_path / "logs" / "submitit")
+    assert names and all(name.startswith(str(job.job_id)) for name in names), names

@@ -14,8 +14,8 @@ import time
 import numpy as np
 import torch
 
-from ovr_hpc import dist
-from ovr_hpc.checkpoint import check_resume_layout, end_of_step, latest_checkpoint, load_checkpoint, save_checkpoint
+from ovr_hpc import dist, preflight
+from ovr_hpc.checkpoint import end_of_step, load_checkpoint, save_checkpoint
 from ovr_hpc.config import ColdStartConfig, dump_config, to_dict
 from ovr_hpc.data.dataset import Collator, build_rows, prepare_sft_dataset, rows_at
 from ovr_hpc.engines.base import build_engine
@@ -32,8 +32,7 @@ def seed_everything(seed: int) -> None:
 def train(cfg: ColdStartConfig) -> dict:
     # ---- where we are, and the stop flag (set by SIGUSR1/SIGUSR2/SIGTERM, read at step boundaries)
     info = dist.init_distributed()
-    cfg.parallel.validate_world(info.world_size)
-    check_resume_layout(cfg, info.world_size)
+    checks = preflight.at_start(cfg, info.world_size)   # every pre-run check, on this machine (ovr_hpc/preflight.py)
     stop = dist.StopRequest().install()
     seed_everything(cfg.seed)
     out_dir = cfg.checkpoint.output_dir
@@ -63,7 +62,7 @@ def train(cfg: ColdStartConfig) -> dict:
 
     # ---- resume
     step, tokens_seen = 0, 0
-    resume_from = latest_checkpoint(out_dir) if cfg.checkpoint.resume else None
+    resume_from = checks.resume_from
     if resume_from:
         state = load_checkpoint({"policy": engine}, resume_from)
         step, tokens_seen = state["step"], state["tokens_seen"]
