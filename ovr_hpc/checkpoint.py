@@ -435,7 +435,8 @@ def resolve_checkpoint(path: str, step: int | str | None = None) -> str:
             raise FileNotFoundError(f"{path} is not a run folder (no checkpoints/ inside)")
         found = os.path.join(root, f"step_{n}")
         if not os.path.exists(os.path.join(found, COMPLETE)):
-            raise FileNotFoundError(f"{path} has no complete checkpoint step_{n}; complete ones: {_complete_list(root)}")
+            raise FileNotFoundError(
+                f"{path} has no complete checkpoint step_{n}; complete ones: {_complete_list(root)}")
         return os.path.realpath(found)
     if step is None and os.path.exists(os.path.join(path, COMPLETE)):
         return os.path.realpath(path)

@@ -431,7 +431,8 @@ def _resource_docs() -> dict:
 
     body = ast.parse(inspect.getsource(Resources)).body[0].body
     return {node.target.id: " ".join(str(after.value.value).split()) for node, after in zip(body, body[1:])
-            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)}
+            if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)}
 
 
 def cli_main(argv: Sequence[str] | None = None) -> int:

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -72,3 +74,34 @@ def test_export_walks_the_stream_on_every_rank_but_writes_on_one(tiny_model_dir,
     with pytest.raises(ValueError, match="produced twice"):
         save_hf_model(iter([("lm_head.weight", torch.zeros(1)), ("lm_head.weight", torch.zeros(1))]),
                       tiny_model_dir, str(tmp_path / "dup"))
+
+
+def test_export_names_the_step_and_refuses_an_unknown_one(tmp_path):
+    """`ovr-hpc export RUN step_N OUT` exports that step and says so; a step the run does not have is an error
+    naming the complete ones, never a silent export of the latest."""
+    from ovr_hpc.config import load_config
+    from tests.test_preflight import TINY_SFT, fake_checkpoint, inputs
+
+    cfg = load_config("coldstart", TINY_SFT, inputs(tmp_path))
+    run = tmp_path / "run"
+    for step in (2, 4):
+        fake_checkpoint(run, step, cfg)
+        (run / "checkpoints" / f"step_{step}" / "hf" / "step.txt").write_text(str(step))
+
+    def export(*args):
+        code = f"import sys; from ovr_hpc.cli import main; sys.exit(main({list(args)!r}))"
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+    done = export("export", str(run), "step_2", str(tmp_path / "out2"))
+    assert done.returncode == 0, done.stderr
+    assert f"exported step_2 ({run}/checkpoints/step_2/hf) to {tmp_path / 'out2'}" in done.stdout
+    assert (tmp_path / "out2" / "step.txt").read_text() == "2"
+    latest = export("export", str(run), str(tmp_path / "out4"))
+    assert "exported step_4" in latest.stdout and (tmp_path / "out4" / "step.txt").read_text() == "4"
+    for bad in ("anything_at_all", "step_3"):
+        refused = export("export", str(run), bad, str(tmp_path / "bad"))
+        assert refused.returncode == 2 and not (tmp_path / "bad").exists()
+        assert "Traceback" not in refused.stderr
+    assert f"{run} has no complete checkpoint step_3; complete ones: step_2, step_4" in refused.stderr
+    incomplete = export("export", str(run / "checkpoints" / "step_3"), str(tmp_path / "bad"))
+    assert incomplete.returncode == 2 and "is not a complete checkpoint" in incomplete.stderr

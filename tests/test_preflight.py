@@ -248,20 +248,22 @@ def test_resume_from_a_chosen_step(tmp_path):
 
 
 @pytest.mark.slow
-def test_trainer_restarts_from_the_chosen_step(tiny_model_dir, arithmetic_file, tmp_path):
-    """checkpoint.resume_from reaches the loop: steps 3-4 are trained again from step_2's state."""
+def test_trainer_restarts_from_the_chosen_step(tiny_model_dir, arithmetic_file, tmp_path, capsys):
+    """checkpoint.resume_from reaches the loop: steps 3-4 are trained again from step_2's state, as before."""
     from ovr_hpc.sft.trainer import train
     from tests.sft.test_trainer import read_metrics
 
     base = [f"model.path={tiny_model_dir}", f"data.train_files=[{arithmetic_file}]",
             f"checkpoint.output_dir={tmp_path / 'run'}", "schedule.max_steps=4", "checkpoint.every_steps=2",
             "checkpoint.save_hf_weights=false", "logging.progress_bar=false", "logging.tensorboard=false"]
-    first = train(load_config("coldstart", TINY_SFT, base))
-    again = train(load_config("coldstart", TINY_SFT, base + ["checkpoint.resume_from=step_2"]))
-    assert first["step"] == again["step"] == 4
-    metrics = read_metrics(str(tmp_path / "run"))
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 3, 4]
-    assert [m["loss"] for m in metrics[4:]] == pytest.approx([m["loss"] for m in metrics[2:4]], abs=1e-6)
+    assert train(load_config("coldstart", TINY_SFT, base))["step"] == 4
+    before = read_metrics(str(tmp_path / "run"))
+    capsys.readouterr()
+    assert train(load_config("coldstart", TINY_SFT, base + ["checkpoint.resume_from=step_2"]))["step"] == 4
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints' / 'step_2'} at step 2" in capsys.readouterr().out
+    after = read_metrics(str(tmp_path / "run"))   # the metrics after the resumed step are written again
+    assert [m["step"] for m in after] == [1, 2, 3, 4]
+    assert [m["loss"] for m in after] == pytest.approx([m["loss"] for m in before], abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- `ovr-hpc check`
