@@ -36,7 +36,7 @@ def build_model(out: str, layers: int) -> str:
 
 
 def prompts(n: int):
-    from ovr_hpc.rollout.base import Prompt
+    from ovr_hpc.data.prompts import Prompt
 
     words = ["triangle", "circle", "apple", "number", "answer", "square", "picture", "distance"]
     return [Prompt(f"Question {i}: what is the {words[i % len(words)]} of {i} and {i + 7}? Think step by step.")

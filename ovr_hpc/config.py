@@ -15,10 +15,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-DEFAULT_INSTRUCTION = (
-    "Think it through step by step inside <think> </think>, then give the final answer in \\boxed{}."
-)
+from ovr_hpc.data.prompts import DEFAULT_INSTRUCTION
 
 
 class ConfigError(ValueError):

@@ -18,8 +18,9 @@ import torch
 from ovr_hpc.data.cache import cache_key, wait_for_file
 from ovr_hpc.data.errors import BadRecord
 from ovr_hpc.data.packing import one_per_row, pack_best_fit
+from ovr_hpc.data.prompts import to_chat_messages
 from ovr_hpc.data.records import DataReport, read_records
-from ovr_hpc.data.templates import IMAGE_PAD, TokenizedSample, to_chat_messages, tokenize_chat, truncate
+from ovr_hpc.data.templates import IMAGE_PAD, TokenizedSample, tokenize_chat, truncate
 from ovr_hpc.data.vision import MERGE_SIZE, load_image, num_image_tokens
 
 CACHE_VERSION = 1

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from ovr_hpc.data.errors import BadRecord
+from ovr_hpc.data.prompts import IMAGE_PLACEHOLDER
 from ovr_hpc.grading.choices import LETTERS, answer_letter, choice_lines
 
-IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
 MAX_REPORTED = 20  # examples printed per report; every bad record is still counted
 

@@ -14,7 +14,7 @@ import json
 import os
 import random
 
-from ovr_hpc.config import DEFAULT_INSTRUCTION
+from ovr_hpc.data.prompts import DEFAULT_INSTRUCTION
 
 NAMES = ["Tom", "Ana", "Li", "Sam", "Mia", "Ben", "Eva", "Raj", "Zoe", "Max"]
 THINGS = ["apples", "coins", "books", "cards", "pens", "shells", "stamps", "marbles"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ovr_hpc.data.errors import BadRecord
-from ovr_hpc.data.records import IMAGE_PLACEHOLDER
 from ovr_hpc.data.vision import num_image_tokens
 
 IMAGE_PAD = "<|image_pad|>"
@@ -28,39 +27,6 @@ class TokenizedSample:
     @property
     def num_loss_tokens(self) -> int:
         return sum(e - s for s, e in self.loss_spans)
-
-
-def to_chat_messages(messages: list[dict], num_images: int, system_prompt: str | None = None) -> list[dict]:
-    """Our record messages -> HF chat messages with image parts in place.
-
-    `<image>` placeholders in string contents become image parts; when a record has images but no
-    placeholders, the images go at the start of the first user message.
-    """
-    out = []
-    has_slots = any(
-        (isinstance(m["content"], str) and IMAGE_PLACEHOLDER in m["content"])
-        or (isinstance(m["content"], list) and any(p.get("type") == "image" for p in m["content"]))
-        for m in messages
-    )
-    if system_prompt is not None and messages[0]["role"] != "system":
-        out.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    pending_images = num_images if not has_slots else 0
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, str):
-            parts = []
-            for i, chunk in enumerate(content.split(IMAGE_PLACEHOLDER)):
-                if i > 0:
-                    parts.append({"type": "image"})
-                if chunk:
-                    parts.append({"type": "text", "text": chunk})
-        else:
-            parts = [dict(p) for p in content]
-        if pending_images and m["role"] == "user":
-            parts = [{"type": "image"} for _ in range(pending_images)] + parts
-            pending_images = 0
-        out.append({"role": m["role"], "content": parts})
-    return out
 
 
 def render(processor, messages: list[dict], add_generation_prompt: bool = False) -> str:

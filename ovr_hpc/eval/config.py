@@ -16,12 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ovr_hpc.config import DEFAULT_INSTRUCTION, ConfigError, _positive, register_stage, validate_rollout_engine
-
-# The RL stage's instruction (data.instruction) is the default: a model is evaluated as it was trained.
-DEFAULT_CHOICE_INSTRUCTION = (
-    "Think it through step by step inside <think> </think>, then give the letter of the correct option in \\boxed{}."
-)
+from ovr_hpc.config import ConfigError, _positive, register_stage, validate_rollout_engine
+from ovr_hpc.data.prompts import DEFAULT_CHOICE_INSTRUCTION, DEFAULT_INSTRUCTION
 
 
 @dataclass

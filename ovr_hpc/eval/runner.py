@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 from ovr_hpc import dist
 from ovr_hpc.config import ConfigError
+from ovr_hpc.data.prompts import prompt_body, rollout_prompt, stop_strings
 from ovr_hpc.data.errors import BadRecord
 from ovr_hpc.eval.benchmarks import BENCHMARKS, Benchmark, EvalSample, paper_numbers
 from ovr_hpc.eval.config import EvalConfig
@@ -228,18 +229,8 @@ def score_chunk(pool, samples: list[EvalSample], outputs: list[list], require_fi
 def prompt_of(cfg: EvalConfig, s: EvalSample) -> str:
     """The user text (chat template) or the whole prompt (orz), built as the RL stage builds its prompts."""
     if cfg.prompt.template == "orz":
-        from ovr_hpc.rl.prompts import ORZ_TEMPLATE
-
-        return ORZ_TEMPLATE.format(problem=s.prompt_text())
+        return prompt_body("orz", s.prompt_text())
     return s.prompt_text(cfg.prompt.instruction, cfg.prompt.choice_instruction)
-
-
-def stop_strings(cfg: EvalConfig) -> list[str]:
-    if cfg.prompt.template == "orz":
-        from ovr_hpc.rl.prompts import ORZ_STOP
-
-        return list(ORZ_STOP)
-    return []
 
 
 def chunk_seed(base: int, chunk: list[EvalSample]) -> int:
@@ -335,7 +326,7 @@ def run_benchmark(run: _Run, spec) -> dict:
             f"{len(pending)} to generate on {info.world_size} rank(s)")
     stopped = False
     if pending:
-        from ovr_hpc.rollout.base import Prompt, SamplingParams
+        from ovr_hpc.rollout.base import SamplingParams
 
         engine = run.engine  # on every rank, even one without a share: building it may be collective
         batch, t0, generated = cfg.rollout.batch_size, time.time(), 0
@@ -352,10 +343,10 @@ def run_benchmark(run: _Run, spec) -> dict:
             texts = [prompt_of(cfg, s) for s in chunk]
             errors = image_errors(chunk, cfg.rollout.min_pixels, cfg.rollout.max_pixels)
             ok = [i for i, e in enumerate(errors) if e is None]
-            prompts = [Prompt(texts[i], list(chunk[i].images), cfg.prompt.system, raw=cfg.prompt.template == "orz")
+            prompts = [rollout_prompt(cfg.prompt.template, texts[i], list(chunk[i].images), cfg.prompt.system)
                        for i in ok]
             params = SamplingParams(n=n, temperature=cfg.sampling.temperature, top_p=cfg.sampling.top_p,
-                                    max_new_tokens=cfg.sampling.max_new_tokens, stop=stop_strings(cfg),
+                                    max_new_tokens=cfg.sampling.max_new_tokens, stop=stop_strings(cfg.prompt.template),
                                     seed=chunk_seed(cfg.sampling.seed, chunk) if chunk else cfg.sampling.seed)
             # a rank without questions left still takes part in a lockstep engine's generate
             generated_ok = engine.generate(prompts, params) if prompts or info.world_size > 1 else []

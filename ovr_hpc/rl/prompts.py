@@ -1,4 +1,5 @@
-"""RL prompts: records -> validated prompts with their token lengths, in the configured template."""
+"""RL prompts: records -> validated prompts with their token lengths, in the configured template
+(the templates, stop strings and prompt text are ovr_hpc.data.prompts')."""
 
 from __future__ import annotations
 
@@ -8,18 +9,10 @@ import os
 from dataclasses import dataclass, field
 
 from ovr_hpc.data.cache import cache_key, wait_for_file
+from ovr_hpc.data.prompts import Prompt, prompt_body, prompt_text, rollout_prompt
+from ovr_hpc.data.prompts import stop_strings as template_stop_strings
 from ovr_hpc.data.records import DataReport, read_records
 from ovr_hpc.data.vision import num_image_tokens
-from ovr_hpc.rollout.base import Prompt
-from ovr_hpc.rollout.hf import prompt_text
-
-# ORZ-style plain template (our wording of its structure): no chat template, the answer in \boxed{}.
-ORZ_TEMPLATE = (
-    "A conversation between User and Assistant. The User asks a question; the Assistant first reasons "
-    "about it inside <think> </think>, then answers inside <answer> </answer>, with the final result in "
-    "\\boxed{{}}.\nUser: {problem}\nAssistant: <think>"
-)
-ORZ_STOP = ["User:", "</answer>"]
 
 
 @dataclass
@@ -38,14 +31,14 @@ class RLPrompt:
 
 
 def to_rollout_prompt(p: RLPrompt, data_cfg) -> Prompt:
-    if data_cfg.prompt_template == "orz":
-        return Prompt(ORZ_TEMPLATE.format(problem=p.problem), p.images, raw=True)
-    text = p.problem if not data_cfg.instruction else f"{p.problem}\n{data_cfg.instruction}"
-    return Prompt(text, p.images, system=data_cfg.system_prompt)
+    """The prompt of an RL record in data.prompt_template, with data.instruction and data.system_prompt."""
+    body = prompt_body(data_cfg.prompt_template, p.problem, data_cfg.instruction)
+    return rollout_prompt(data_cfg.prompt_template, body, p.images, data_cfg.system_prompt)
 
 
 def stop_strings(data_cfg, rollout_cfg) -> list[str]:
-    return list(rollout_cfg.stop) + (ORZ_STOP if data_cfg.prompt_template == "orz" else [])
+    """The RL stage's stop strings: rollout.stop, then data.prompt_template's."""
+    return template_stop_strings(data_cfg.prompt_template, rollout_cfg.stop)
 
 
 PROMPTS_CACHE_VERSION = 1

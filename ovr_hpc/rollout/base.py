@@ -1,4 +1,4 @@
-"""The rollout-engine interface: prompts (with images) in; token ids, text, finish reason and sampled
+"""The rollout-engine interface: prompts (ovr_hpc.data.prompts.Prompt, with images) in; token ids, text, finish reason and sampled
 log-probs out. `hf.py` runs transformers' generate (CPU, tests, the demo); the colocated vLLM engine
 plugs in behind the same surface.
 """
@@ -10,19 +10,7 @@ from typing import Callable, Iterable, Optional, Protocol
 
 import torch
 
-
-@dataclass
-class Prompt:
-    """A user turn: text (with `<image>` placeholders or not) and its images (paths/URLs/base64).
-
-    raw=True: `text` is the whole prompt (e.g. ORZ's plain template), not put in the chat template;
-    its `<image>` placeholders (or, without any, the start) receive the vision tokens.
-    """
-
-    text: str
-    images: list[str] = field(default_factory=list)
-    system: str | None = None
-    raw: bool = False
+from ovr_hpc.data.prompts import Prompt
 
 
 @dataclass

@@ -6,24 +6,9 @@ from typing import Callable, Iterable
 
 import torch
 
-from ovr_hpc.data.records import IMAGE_PLACEHOLDER
-from ovr_hpc.data.templates import to_chat_messages
+from ovr_hpc.data.prompts import Prompt, prompt_text
 from ovr_hpc.data.vision import load_image
-from ovr_hpc.rollout.base import Completion, Prompt, RolloutInterrupted, SamplingParams
-
-
-VISION_TOKENS = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def prompt_text(processor, prompt: Prompt) -> str:
-    """The exact text a prompt is generated from (one image pad per image, expanded by the processor)."""
-    if prompt.raw:
-        if IMAGE_PLACEHOLDER in prompt.text:
-            return prompt.text.replace(IMAGE_PLACEHOLDER, VISION_TOKENS)
-        return VISION_TOKENS * len(prompt.images) + prompt.text
-    messages = [{"role": "user", "content": prompt.text}]
-    chat = to_chat_messages(messages, len(prompt.images), prompt.system)
-    return processor.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+from ovr_hpc.rollout.base import Completion, RolloutInterrupted, SamplingParams
 
 
 def trim_completion(ids: list[int], end_ids: list[int], stop: list[str], decode: Callable[[list[int]], str]

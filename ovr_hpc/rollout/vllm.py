@@ -49,7 +49,8 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 if TYPE_CHECKING:
     import torch
 
-    from ovr_hpc.rollout.base import Completion, Prompt, SamplingParams
+    from ovr_hpc.data.prompts import Prompt
+    from ovr_hpc.rollout.base import Completion, SamplingParams
 
 # The CPU build otherwise reserves most of the machine's memory for its KV cache.
 CPU_DEFAULT_KV_CACHE_BYTES = 256 << 20
@@ -430,7 +431,7 @@ class VLLMRolloutEngine:
     # ---- generation -------------------------------------------------------------------------------------------
     def _request(self, prompt: "Prompt") -> dict:
         from ovr_hpc.data.vision import load_image
-        from ovr_hpc.rollout.hf import prompt_text
+        from ovr_hpc.data.prompts import prompt_text
 
         request: dict = {"prompt": prompt_text(self.processor, prompt)}
         if prompt.images:

@@ -6,7 +6,8 @@ import torch
 from ovr_hpc.config import DataConfig
 from ovr_hpc.data.dataset import Collator, build_rows, mrope_positions, prepare_sft_dataset, rows_at
 from ovr_hpc.data.packing import pack_best_fit, packing_efficiency
-from ovr_hpc.data.templates import to_chat_messages, tokenize_chat, truncate
+from ovr_hpc.data.prompts import to_chat_messages
+from ovr_hpc.data.templates import tokenize_chat, truncate
 from ovr_hpc.data.vision import load_image
 
 

@@ -2,13 +2,12 @@
 depend on it (a change here must be deliberate, and the curves re-made)."""
 
 from ovr_hpc.config import RLDataConfig, RolloutConfig
-from ovr_hpc.data.templates import to_chat_messages
+from ovr_hpc.data.prompts import prompt_text, rollout_prompt, to_chat_messages
+from ovr_hpc.data.prompts import stop_strings as template_stop_strings
 from ovr_hpc.eval.benchmarks import EvalSample
 from ovr_hpc.eval.config import EvalConfig
-from ovr_hpc.eval.runner import prompt_of, stop_strings as eval_stop_strings
+from ovr_hpc.eval.runner import prompt_of
 from ovr_hpc.rl.prompts import RLPrompt, stop_strings, to_rollout_prompt
-from ovr_hpc.rollout.base import Prompt
-from ovr_hpc.rollout.hf import prompt_text
 
 INSTRUCTION = "Think it through step by step inside <think> </think>, then give the final answer in \\boxed{}."
 CHOICE_INSTRUCTION = ("Think it through step by step inside <think> </think>, then give the letter of the correct "
@@ -25,8 +24,12 @@ def rl_prompt(problem, images=()):
 
 def eval_prompt(cfg, sample):
     """The prompt the eval runner hands its engine for one question."""
-    return Prompt(prompt_of(cfg, sample), list(sample.images), cfg.prompt.system,
-                  raw=cfg.prompt.template == "orz")
+    return rollout_prompt(cfg.prompt.template, prompt_of(cfg, sample), list(sample.images), cfg.prompt.system)
+
+
+def eval_stop_strings(cfg):
+    """The stop strings the eval runner generates with."""
+    return template_stop_strings(cfg.prompt.template)
 
 
 def test_chat_prompt_with_an_image(processor):

@@ -208,7 +208,8 @@ def test_prompts_are_built_as_the_rl_stage_builds_them(tmp_path, fake_model, rec
     from ovr_hpc.config import RLDataConfig
     from ovr_hpc.eval.benchmarks import BENCHMARKS
     from ovr_hpc.eval.runner import prompt_of
-    from ovr_hpc.rl.prompts import ORZ_STOP, RLPrompt, to_rollout_prompt
+    from ovr_hpc.data.prompts import ORZ_STOP
+    from ovr_hpc.rl.prompts import RLPrompt, to_rollout_prompt
 
     for template in ("chat", "orz"):
         cfg = make_config(tmp_path, fake_model, f"[{{name: records, path: {records_file}}}]",

@@ -99,7 +99,8 @@ def test_weight_sync_serves_the_updated_policy(tiny_model_dir, processor, monkey
     from ovr_hpc.engines.deepspeed import DeepSpeedEngine
     from ovr_hpc.local import free_port
     from ovr_hpc.models.loading import TokenLogprobs, load_vlm
-    from ovr_hpc.rollout.base import Prompt, SamplingParams
+    from ovr_hpc.data.prompts import Prompt
+    from ovr_hpc.rollout.base import SamplingParams
     from ovr_hpc.rollout.hf import HFRolloutEngine
 
     for k in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_ID"):

@@ -12,7 +12,8 @@ import sys
 def main(model_dir: str, other_dir: str, out_dir: str, tp: int, red: str, wide: str) -> None:
     from ovr_hpc import dist
     from ovr_hpc.models.loading import load_vlm
-    from ovr_hpc.rollout.base import Prompt, SamplingParams
+    from ovr_hpc.data.prompts import Prompt
+    from ovr_hpc.rollout.base import SamplingParams
     from ovr_hpc.rollout.vllm import VLLMRolloutEngine
     from tests.rollout.vllm.conftest import ENGINE_ARGS
     from tests.rollout.vllm.test_spmd import rank_prompts, rank_params

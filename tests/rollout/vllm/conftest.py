@@ -60,7 +60,8 @@ def other_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def engine_state(tiny_model_dir):
     """(engine, what generate() did before the first weight push)."""
-    from ovr_hpc.rollout.base import Prompt, SamplingParams
+    from ovr_hpc.data.prompts import Prompt
+    from ovr_hpc.rollout.base import SamplingParams
     from ovr_hpc.rollout.vllm import VLLMRolloutEngine
 
     engine = VLLMRolloutEngine(tiny_model_dir, **ENGINE_ARGS)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ovr_hpc.rollout.base import Prompt, SamplingParams
+from ovr_hpc.data.prompts import Prompt
+from ovr_hpc.rollout.base import SamplingParams
 from tests.rollout.vllm.conftest import MAX_PIXELS, MIN_PIXELS
 
 BANNED = ("<|image_pad|>", "<|video_pad|>")
@@ -26,7 +27,7 @@ def forward_kwargs(inputs, n_new: int = 0) -> dict:
 
 def hf_inputs(processor, prompt: Prompt):
     from ovr_hpc.data.vision import load_image
-    from ovr_hpc.rollout.hf import prompt_text
+    from ovr_hpc.data.prompts import prompt_text
 
     images = [load_image(ref, MIN_PIXELS, MAX_PIXELS) for ref in prompt.images]
     return processor(text=[prompt_text(processor, prompt)], images=images or None, return_tensors="pt")

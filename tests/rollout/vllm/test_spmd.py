@@ -14,7 +14,8 @@ import time
 import pytest
 import torch
 
-from ovr_hpc.rollout.base import Prompt, SamplingParams
+from ovr_hpc.data.prompts import Prompt
+from ovr_hpc.rollout.base import SamplingParams
 from tests.conftest import REPO
 from tests.rollout.vllm.conftest import needs_two_devices
 from tests.rollout.vllm.test_engine import hf_greedy, reference_logprobs, state_of
