@@ -15,7 +15,7 @@ over the slice of the vocabulary it saw, all relative to that slice's maximum m:
 
     m = max_v z_v,   s = sum_v exp(z_v - m),   a = sum_v exp(z_v - m) (z_v - m),   zt = z_target (or 0)
 
-Partials over disjoint vocabulary slices merge exactly (``merge_partials``): that one rule serves the
+Partials over disjoint vocabulary slices merge exactly (``partials.merge_partials``): that one rule serves the
 Triton kernel's split-vocabulary programs, the torch backend's chunks and tensor parallelism alike.
 From the merged numbers: lse = m + log s, E[z] = m + a / s, entropy = log s - a / s (no cancellation
 between two large numbers), logp = zt - lse.
@@ -43,6 +43,8 @@ import os
 
 import torch
 import torch.distributed as dist
+
+from .partials import allreduce_partials, merge_partials
 
 __all__ = ["fused_logprobs", "logprobs_reference", "merge_partials"]
 
@@ -209,32 +211,6 @@ def _vocab_range(weight, group):
 
 
 # ----------------------------------------------------------------------------------------------
-# Merging partial statistics (backends' vocabulary slices, tensor-parallel shards)
-# ----------------------------------------------------------------------------------------------
-def merge_partials(m, s, a, zt, dim=0):
-    """Merge per-slice partials stacked along ``dim`` into one set (see the module doc).
-
-    Each slice's sums are relative to its own max; moving them to the common max M multiplies s by
-    exp(m - M) and shifts each (z - m) by (m - M). ``a`` may be None (no entropy asked).
-    """
-    big_m = m.amax(dim, keepdim=True)
-    scale = torch.exp(m - big_m)
-    s_all = (s * scale).sum(dim)
-    a_all = None if a is None else (scale * (a + (m - big_m) * s)).sum(dim)
-    return big_m.squeeze(dim), s_all, a_all, zt.sum(dim)
-
-
-def _allreduce_partials(m, s, a, zt, group):
-    big_m = m.clone()
-    dist.all_reduce(big_m, op=dist.ReduceOp.MAX, group=group)
-    scale = torch.exp(m - big_m)
-    parts = [s * scale, zt] + ([] if a is None else [scale * (a + (m - big_m) * s)])
-    packed = torch.stack(parts)           # one collective for the sums
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    return big_m, packed[0], (None if a is None else packed[2]), packed[1]
-
-
-# ----------------------------------------------------------------------------------------------
 # Autograd
 # ----------------------------------------------------------------------------------------------
 class _FusedLogprobs(torch.autograd.Function):
@@ -249,7 +225,7 @@ class _FusedLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, local_targets, inv_temp, with_entropy, group, impl):
         m, s, a, zt = impl.partial_stats(hidden, weight, local_targets, inv_temp, with_entropy)
         if group is not None and dist.get_world_size(group) > 1:
-            m, s, a, zt = _allreduce_partials(m, s, a, zt, group)
+            m, s, a, zt = allreduce_partials(m, s, a, zt, group)
         log_s = torch.log(s)
         lse = m + log_s
         # lse >= every logit, the target's included; the clamp only removes rounding noise.

@@ -1,4 +1,4 @@
-"""Triton backend of ``fused_logprobs``: the maths and the autograd live in logprob.py.
+"""Triton backend of ``fused_logprobs``: the maths and the autograd live in logprob.py, the merge in partials.py.
 
 Forward: one kernel. Each program owns BLOCK_T rows and a contiguous split of the vocabulary; it walks
 its split a [BLOCK_T, BLOCK_V] logit tile at a time (a K-loop of tl.dot over H) and keeps the online
@@ -34,7 +34,7 @@ import os
 
 import torch
 
-from .logprob import merge_partials
+from .partials import merge_partials
 
 try:
     import triton
