@@ -99,6 +99,7 @@ def save_hf_model(named_tensors, model_path: str, out_dir: str, *, write: bool =
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoProcessor, GenerationConfig
 
+    from ovr_hpc.buckets import size_bounded
     from ovr_hpc.models.loading import checkpoint_name
 
     if not write:
@@ -106,32 +107,33 @@ def save_hf_model(named_tensors, model_path: str, out_dir: str, *, write: bool =
             pass
         return
     os.makedirs(out_dir, exist_ok=True)
-    shard, shard_size, shards, total, dtype = {}, 0, [], 0, None
+    shards, total, dtype = [], 0, None
 
-    def flush():
+    def flush(shard: dict):
         path = os.path.join(out_dir, f".partial-{len(shards):05d}.safetensors")
         save_file(shard, path, metadata={"format": "pt"})
         shards.append((path, list(shard)))
-        shard.clear()
 
-    seen = set()
-    for name, tensor in named_tensors:
-        key = checkpoint_name(name)
-        if key in seen:
-            raise ValueError(f"parameter {name!r} ({key}) was produced twice while exporting to {out_dir}")
-        seen.add(key)
-        t = tensor.detach().to("cpu").contiguous()
-        size = t.numel() * t.element_size()
-        if shard and shard_size + size > shard_bytes:
-            flush()
-            shard_size = 0
-        shard[key] = t
-        shard_size += size
-        total += size
-        if dtype is None and t.is_floating_point():
-            dtype = t.dtype
-    if shard or not shards:
-        flush()
+    def on_cpu(pairs):
+        seen = set()
+        for name, tensor in pairs:
+            key = checkpoint_name(name)
+            if key in seen:
+                raise ValueError(f"parameter {name!r} ({key}) was produced twice while exporting to {out_dir}")
+            seen.add(key)
+            yield key, tensor.detach().to("cpu").contiguous()
+
+    def nbytes(pair) -> int:
+        return pair[1].numel() * pair[1].element_size()
+
+    for shard in size_bounded(on_cpu(named_tensors), shard_bytes, size=nbytes):
+        flush(dict(shard))
+        total += sum(map(nbytes, shard))
+        if dtype is None:
+            dtype = next((t.dtype for _, t in shard if t.is_floating_point()), None)
+        shard.clear()   # one shard in memory at a time
+    if not shards:
+        flush({})
     if len(shards) == 1:
         os.replace(shards[0][0], os.path.join(out_dir, "model.safetensors"))
     else:

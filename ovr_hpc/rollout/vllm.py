@@ -46,6 +46,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
+from ovr_hpc.buckets import size_bounded
+
 if TYPE_CHECKING:
     import torch
 
@@ -127,18 +129,14 @@ def iter_buckets(named_tensors: Iterable[tuple[str, "torch.Tensor"]], bucket_byt
 
     from ovr_hpc.models.loading import checkpoint_name
 
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, tensor in named_tensors:
-        nbytes = tensor.numel() * torch.empty((), dtype=dtype).element_size()
-        if bucket and size + nbytes > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        converted = tensor.detach().to(device=device, dtype=dtype, non_blocking=True)
-        bucket.append((checkpoint_name(name), converted))
-        size += nbytes
-    if bucket:
-        yield bucket
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def converted(pair):   # after the pair's bucket is chosen: the previous bucket is already handed out
+        name, tensor = pair
+        return checkpoint_name(name), tensor.detach().to(device=device, dtype=dtype, non_blocking=True)
+
+    yield from size_bounded(named_tensors, bucket_bytes, size=lambda pair: pair[1].numel() * itemsize,
+                            convert=converted)
 
 
 def engine_kwargs(cfg) -> dict:
