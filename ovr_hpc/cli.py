@@ -5,6 +5,7 @@
     ovr-hpc behaviors RESPONSES.jsonl [options]   cognitive behaviours in eval responses (judge or --keyword)
     ovr-hpc plot RUN_DIR [RUN_DIR ...]            training curves, behaviour rates over checkpoints (PNGs)
     ovr-hpc check STAGE CONFIG [key=value ...]    every pre-run check; print the run resolved (no torch import)
+    ovr-hpc plan CONFIG --nodes N --gpus-per-node G --gpu NAME   memory, disk, tokens and time per step (no torch)
     ovr-hpc submit STAGE CONFIG [options] [key=value ...]   submit through submitit
     ovr-hpc data check FILE [FILE ...]            report malformed records without training
     ovr-hpc grade FILE.jsonl [options]            the RL reward over (response, reference) pairs; audit references
@@ -161,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbatch-args", default=None, help="the sbatch options given, shell-quoted in one string")
     p.add_argument("--quiet", action="store_true", help="print only errors and notes, not the resolved config")
     p.set_defaults(func=_check)
+
+    p = sub.add_parser("plan", help="memory per GPU and phase, disk, tokens and time per step (no torch import)")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    p.add_argument("--nodes", type=int, required=True)
+    p.add_argument("--gpus-per-node", type=int, required=True)
+    p.add_argument("--gpu", required=True, help="h100, h200, a100 or b200")
+    p.add_argument("--model", default=None,
+                   help="the architecture when model.path is not here: a hub id of the shipped table, a config.json")
+    p.add_argument("--mfu", type=float, default=0.35, help="training model-FLOPs utilisation assumed")
+    p.add_argument("--decode-efficiency", type=float, default=0.6, help="share of HBM bandwidth decode reaches")
+    p.set_defaults(func=lambda a: __import__("ovr_hpc.plan", fromlist=["plan_command"]).plan_command(a))
 
     p = sub.add_parser("submit", help="submit a stage through submitit (see `ovr-hpc submit -h`)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

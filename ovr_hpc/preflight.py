@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 from ovr_hpc import checkpoint as ckpt
 from ovr_hpc.config import STAGES, ConfigError
+from ovr_hpc.models.sizes import KNOWN_ARCHITECTURES  # noqa: F401 - the released sizes (one table, also plan's)
 
 
 class PreflightError(ConfigError):
@@ -48,20 +49,6 @@ class PreflightError(ConfigError):
         super().__init__(message)
         self.check = check
 
-
-# The language-model sizes of the released Qwen2.5-VL checkpoints (their config.json), so that a hub id
-# that is not in the local cache is still checked (TP against heads, PP against layers).
-KNOWN_ARCHITECTURES: dict[str, dict] = {
-    "Qwen/Qwen2.5-VL-3B-Instruct": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16,
-                                        num_key_value_heads=2, intermediate_size=11008, vocab_size=151936,
-                                        tie_word_embeddings=True),
-    "Qwen/Qwen2.5-VL-7B-Instruct": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
-                                        num_key_value_heads=4, intermediate_size=18944, vocab_size=152064),
-    "Qwen/Qwen2.5-VL-32B-Instruct": dict(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40,
-                                         num_key_value_heads=8, intermediate_size=27648, vocab_size=152064),
-    "Qwen/Qwen2.5-VL-72B-Instruct": dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
-                                         num_key_value_heads=8, intermediate_size=29568, vocab_size=152064),
-}
 
 PLACEHOLDER = "/path/to"
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -247,7 +234,7 @@ def _hub_model(result: Preflight, key: str, path: str) -> Optional[dict]:
         result.notes.append(
             f"{key} = {path!r} is a Hugging Face hub id not in this machine's cache ({_hub_cache()}): every "
             f"rank downloads it when the run starts, which fails on offline compute nodes ({download}); its "
-            "sizes were checked against the shipped table (preflight.KNOWN_ARCHITECTURES)")
+            "sizes were checked against the shipped table (ovr_hpc/models/sizes.py)")
         return dict(KNOWN_ARCHITECTURES[path])
     raise PreflightError(
         f"{key} = {path!r} does not exist as a local folder, and as a Hugging Face hub id it is neither in this "
