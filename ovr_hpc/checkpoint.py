@@ -8,10 +8,12 @@ Layout of OUTPUT_DIR/checkpoints/:
     step_N/config.yaml         the config the run was started with
     step_N/hf/                 full Hugging Face weights + processor (what `ovr-hpc export` copies)
     step_N/COMPLETE            written last inside the folder
+    step_N/WEIGHTS_ONLY        (checkpoint.keep_every) the engine states and RNG files were removed: hf/,
+                               train_state.json and config.yaml remain; exported and averaged, never resumed
     latest -> step_N           symlink, replaced atomically after the folder is complete
 
 A save writes into .tmp_step_N and renames it, then moves `latest`: a crash at any moment leaves the
-previous checkpoint usable. Only folders with COMPLETE count.
+previous checkpoint usable. Only folders with COMPLETE count; resume takes only those without WEIGHTS_ONLY.
 
 torch and numpy are imported where they are used: `ovr-hpc check` reads checkpoints (whether the latest
 one loads on the job's layout) on login nodes, without torch.
@@ -29,6 +31,9 @@ from ovr_hpc import dist
 from ovr_hpc.config import ConfigError
 
 COMPLETE = "COMPLETE"
+WEIGHTS_ONLY = "WEIGHTS_ONLY"
+# what a checkpoint kept by checkpoint.keep_every holds once it is older than the keep_last newest
+WEIGHTS_ONLY_KEEPS = ("hf", "train_state.json", "config.yaml", COMPLETE, WEIGHTS_ONLY)
 
 
 def checkpoints_dir(output_dir: str) -> str:
@@ -36,24 +41,75 @@ def checkpoints_dir(output_dir: str) -> str:
 
 
 def latest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint: `latest` if valid, else the highest complete step_N."""
+    """The newest complete checkpoint a run can resume from: `latest` if valid, else the highest complete
+    step_N that is not weights-only."""
     root = checkpoints_dir(output_dir)
     link = os.path.join(root, "latest")
-    if os.path.exists(os.path.join(link, COMPLETE)):
+    if os.path.exists(os.path.join(link, COMPLETE)) and not is_weights_only(link):
         return os.path.realpath(link)
-    steps = sorted(_complete_steps(root), reverse=True)
+    steps = sorted(_complete_steps(root, resumable=True), reverse=True)
     return os.path.join(root, f"step_{steps[0]}") if steps else None
 
 
-def _complete_steps(root: str) -> list[int]:
+def is_weights_only(checkpoint: str) -> bool:
+    """A checkpoint whose engine states were removed (checkpoint.keep_every): hf/ weights, no resume."""
+    return os.path.exists(os.path.join(checkpoint, WEIGHTS_ONLY))
+
+
+def _complete_steps(root: str, resumable: bool = False) -> list[int]:
+    """Steps of the complete step_N folders of `root`; with `resumable`, not the weights-only ones."""
     if not os.path.isdir(root):
         return []
     out = []
     for name in os.listdir(root):
         m = re.fullmatch(r"step_(\d+)", name)
-        if m and os.path.exists(os.path.join(root, name, COMPLETE)):
+        path = os.path.join(root, name)
+        if m and os.path.exists(os.path.join(path, COMPLETE)) and not (resumable and is_weights_only(path)):
             out.append(int(m.group(1)))
     return out
+
+
+def prune_checkpoints(root: str, keep_last: int, keep_every: int = 0, current: int | None = None
+                      ) -> tuple[list[int], list[int]]:
+    """After a save: the `keep_last` newest complete checkpoints of `root` (and `current`, the one just
+    saved) stay whole. Of the older ones, those at a multiple of `keep_every` (> 0) become weights-only (the
+    WEIGHTS_ONLY marker first, so that no resume ever picks a half-removed one, then everything but
+    WEIGHTS_ONLY_KEEPS goes: engine and optimizer states, RNG files, a universal conversion); the others are
+    deleted. One without hf/ (saved with checkpoint.save_hf_weights=false) stays whole rather than become
+    a checkpoint without weights. Returns (deleted steps, steps made weights-only now)."""
+    steps = sorted(_complete_steps(root))
+    whole = set(steps[-keep_last:]) | ({current} if current is not None else set())
+    deleted, stripped = [], []
+    for step in steps:
+        path = os.path.join(root, f"step_{step}")
+        if step in whole:
+            continue
+        if not (keep_every > 0 and step % keep_every == 0):
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(step)
+        elif os.path.isdir(os.path.join(path, "hf")) and not is_weights_only(path):
+            with open(os.path.join(path, WEIGHTS_ONLY), "w") as f:
+                f.write(f"step {step}: engine states removed (checkpoint.keep_every={keep_every}); weights in hf/\n")
+            for name in os.listdir(path):
+                if name not in WEIGHTS_ONLY_KEEPS:
+                    target = os.path.join(path, name)
+                    if os.path.isdir(target) and not os.path.islink(target):
+                        shutil.rmtree(target, ignore_errors=True)
+                    else:
+                        os.remove(target)
+            stripped.append(step)
+    return deleted, stripped
+
+
+def _keep_every_of(config_yaml: str) -> int:
+    """checkpoint.keep_every of a run's config (0 when it has none)."""
+    import yaml
+
+    try:
+        value = ((yaml.safe_load(config_yaml) or {}).get("checkpoint") or {}).get("keep_every", 0)
+        return int(value or 0)
+    except (yaml.YAMLError, AttributeError, TypeError, ValueError):
+        return 0
 
 
 def rng_state() -> dict:
@@ -156,9 +212,10 @@ def save_hf_model(named_tensors, model_path: str, out_dir: str, *, write: bool =
 
 
 def save_checkpoint(engines: dict, output_dir: str, step: int, train_state: dict, config_yaml: str, model_path: str,
-                    keep_last: int, save_hf: bool) -> str:
+                    keep_last: int, save_hf: bool, keep_every: int | None = None) -> str:
     """All ranks call. `engines` maps names to engines; the HF weights are those of engines["policy"].
-    Returns the final step_N path."""
+    Older checkpoints are pruned by `prune_checkpoints` (keep_every: by default checkpoint.keep_every of
+    `config_yaml`, the run's config). Returns the final step_N path."""
     import torch
 
     root = checkpoints_dir(output_dir)
@@ -191,8 +248,7 @@ def save_checkpoint(engines: dict, output_dir: str, step: int, train_state: dict
             os.remove(link_tmp)
         os.symlink(f"step_{step}", link_tmp)
         os.replace(link_tmp, os.path.join(root, "latest"))
-        for old in sorted(_complete_steps(root))[:-keep_last]:
-            shutil.rmtree(os.path.join(root, f"step_{old}"), ignore_errors=True)
+        prune_checkpoints(root, keep_last, _keep_every_of(config_yaml) if keep_every is None else keep_every, step)
     dist.barrier()
     return final
 
@@ -229,6 +285,9 @@ def load_checkpoint(engines: dict, path: str) -> dict:
     """All ranks call. Restores every engine's state and this rank's RNG; returns the train state."""
     import torch
 
+    if is_weights_only(path):
+        raise RuntimeError(f"{path} holds weights only (checkpoint.keep_every removed its engine states): it cannot "
+                           f"be resumed from; start a new run from {os.path.join(path, 'hf')}")
     for name, engine in engines.items():
         if not os.path.isdir(os.path.join(path, name)):
             raise RuntimeError(f"{path} has no state for {name!r} (holds: {sorted(os.listdir(path))})")
@@ -299,8 +358,8 @@ def _step_of(value) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _complete_list(root: str) -> str:
-    return ", ".join(f"step_{s}" for s in sorted(_complete_steps(root))) or "none"
+def _complete_list(root: str, resumable: bool = False) -> str:
+    return ", ".join(f"step_{s}" for s in sorted(_complete_steps(root, resumable))) or "none"
 
 
 def resume_checkpoint(config) -> str | None:
@@ -315,9 +374,15 @@ def resume_checkpoint(config) -> str | None:
     root = checkpoints_dir(ckpt.output_dir)
     step = _step_of(ckpt.resume_from)
     path = os.path.join(root, f"step_{step}") if step is not None else str(ckpt.resume_from)
+    where = root if step is not None else os.path.dirname(os.path.abspath(path).rstrip("/"))
+    if os.path.exists(os.path.join(path, COMPLETE)) and is_weights_only(path):
+        raise ConfigError(
+            f"checkpoint.resume_from = {ckpt.resume_from!r}: {path} holds weights only (checkpoint.keep_every "
+            f"removed its engine and optimizer states); resumable ones in {where}: "
+            f"{_complete_list(where, resumable=True)}. Name one of them, or start a new run from its weights "
+            f"(model.path={os.path.join(path, 'hf')})")
     if os.path.exists(os.path.join(path, COMPLETE)):
         return os.path.realpath(path)
-    where = root if step is not None else os.path.dirname(os.path.abspath(path).rstrip("/"))
     raise ConfigError(
         f"checkpoint.resume_from = {ckpt.resume_from!r}: {path} is not a complete checkpoint (no {COMPLETE} "
         f"marker); complete ones in {where}: {_complete_list(where)}. Name one of them (checkpoint.resume_from="

@@ -10,6 +10,7 @@
     ovr-hpc data check FILE [FILE ...]            report malformed records without training
     ovr-hpc grade FILE.jsonl [options]            the RL reward over (response, reference) pairs; audit references
     ovr-hpc export RUN [STEP] OUT_DIR             Hugging Face model from a training checkpoint
+    ovr-hpc average CKPT_OR_RUN... --out DIR      (weighted) average of checkpoints' weights, streamed (CPU)
     ovr-hpc tiny-model OUT_DIR                    a random-init tiny Qwen2.5-VL, tokenizer and processor
     ovr-hpc synth-data {sft,rl} OUT.jsonl         synthetic arithmetic reasoning records
     ovr-hpc demo [--out DIR]                      the tiny two-stage pipeline end to end
@@ -202,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("rest", nargs="+", metavar="[STEP] OUT_DIR",
                    help="STEP: step_N, N or latest of the run (default: CHECKPOINT itself, or its latest)")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("average", help="(weighted) average of checkpoints' Hugging Face weights, streamed (CPU)")
+    p.add_argument("inputs", nargs="+", metavar="CKPT_OR_RUN",
+                   help="checkpoints (step_N, .../latest), exported folders, or runs with --steps")
+    p.add_argument("--out", required=True, help="the averaged model's folder (new or empty)")
+    p.add_argument("--weights", nargs="+", metavar="W", help="one per input, in order (default: uniform); normalised")
+    p.add_argument("--steps", metavar="A:B:S", help="from each run, checkpoints step_A, step_A+S, ... up to B included")
+    p.add_argument("--shard-mb", type=int, default=2048, help="output shard size, and about the memory it needs")
+    p.set_defaults(func=lambda a: __import__("ovr_hpc.average", fromlist=["average_command"]).average_command(a))
 
     p = sub.add_parser("tiny-model", help="write a random-init tiny Qwen2.5-VL (HF format)")
     p.add_argument("out_dir")

@@ -194,6 +194,10 @@ class CheckpointConfig:
     """Save every N optimizer steps (and always at the end and on preemption)."""
     keep_last: int = 3
     """Keep the newest K checkpoints; older ones are deleted after a save succeeds."""
+    keep_every: int = 0
+    """Also keep the checkpoints at multiples of N steps (0 = off), e.g. to average them (`ovr-hpc average`): once
+    older than the keep_last newest they lose their engine and optimizer states and keep hf/, train_state.json and
+    config.yaml (weights only: never resumed from, still exported and averaged)."""
     resume: bool = True
     """Resume from OUTPUT_DIR/checkpoints/latest when it exists."""
     resume_from: Optional[int | str] = None
@@ -208,6 +212,14 @@ class CheckpointConfig:
             raise ConfigError(f"{prefix}.output_dir is required")
         _positive(prefix, "every_steps", self.every_steps)
         _positive(prefix, "keep_last", self.keep_last)
+        if self.keep_every < 0:
+            raise ConfigError(f"{prefix}.keep_every ({self.keep_every}) must be >= 0 (0 = off)")
+        if self.keep_every and self.keep_every % self.every_steps:
+            raise ConfigError(f"{prefix}.keep_every ({self.keep_every}) must be a multiple of {prefix}.every_steps "
+                              f"({self.every_steps}): only the steps that are saved can be kept")
+        if self.keep_every and not self.save_hf_weights:
+            raise ConfigError(f"{prefix}.keep_every ({self.keep_every}) keeps only the checkpoints' hf/ weights: it "
+                              f"needs {prefix}.save_hf_weights=true")
         if self.resume_from is not None and not self.resume:
             raise ConfigError(f"{prefix}.resume_from ({self.resume_from}) needs {prefix}.resume=true")
 
