@@ -5,17 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ovr_hpc.buckets import size_bounded
 from ovr_hpc.config import ConfigError
 from ovr_hpc.engines.megatron.convert import (
     ConversionConfig,
     SafetensorsCheckpoint,
     canonical_hf_name,
     gate_up_from_mcore,
-    hf_to_mcore_shard,
-    iter_buckets,
     iter_hf_to_mcore_shard,
-    iter_mcore_to_hf,
-    mcore_shards_to_hf,
+    mcore_param_to_hf,
+    not_a_parameter,
     qkv_from_mcore,
     qkv_to_mcore,
     tp_partition_dim,
@@ -26,6 +25,38 @@ from ovr_hpc.engines.megatron.layout import (
     pipeline_layer_split,
     validate_megatron_layout,
 )
+
+# ----------------------------------------------------------------------------- whole-model conversions
+# (the package streams one parameter at a time; the tests compare whole state dicts built from those pieces)
+
+
+def hf_to_mcore_shard(hf_tensors, config, tp_rank, tp_size, pp_rank, pp_size) -> dict[str, torch.Tensor]:
+    """The megatron-core state dict of one (tp_rank, pp_rank)."""
+    return dict(iter_hf_to_mcore_shard(hf_tensors, config, tp_rank, tp_size, pp_rank, pp_size))
+
+
+def iter_mcore_to_hf(shards, config):
+    """(HF name, full tensor) pairs, one megatron-core parameter at a time, from ``shards[pp][tp]`` (the
+    state dict of each rank), as the engine's iter_full_params streams them."""
+    pp_size = len(shards)
+    for pp_rank, stage in enumerate(shards):
+        for name in stage[0]:
+            if not_a_parameter(name):
+                continue
+            pieces = [rank[name] for rank in stage]
+            yield from mcore_param_to_hf(name, pieces, config, pp_rank, pp_size)
+
+
+def mcore_shards_to_hf(shards, config) -> dict[str, torch.Tensor]:
+    """The full HF state dict (language model + vision tower) from ``shards[pp][tp]``."""
+    return dict(iter_mcore_to_hf(shards, config))
+
+
+def iter_buckets(pairs, bucket_bytes):
+    """(name, tensor) pairs in lists of at most `bucket_bytes` (a larger tensor alone), as the vLLM push
+    and the HF export cut them."""
+    return size_bounded(pairs, bucket_bytes, size=lambda pair: pair[1].numel() * pair[1].element_size())
+
 
 # ----------------------------------------------------------------------------- fixtures
 

@@ -48,7 +48,7 @@ Layouts (per tensor-parallel rank ``r`` of ``tp``)
 
 Lazy reading
 ------------
-`hf_to_mcore_shard` takes a mapping from HF name to either a tensor or a lazy slice (anything with
+`iter_hf_to_mcore_shard` takes a mapping from HF name to either a tensor or a lazy slice (anything with
 ``get_shape()`` or ``.shape`` and ``__getitem__`` taking slices, like ``safe_open(...).get_slice(name)``).
 Each rank reads only its own rows / columns. `SafetensorsCheckpoint` is that mapping over a checkpoint
 directory (``model.safetensors`` or ``model.safetensors.index.json`` shards) and counts what it reads.
@@ -76,12 +76,8 @@ __all__ = [
     "gate_up_to_mcore",
     "gate_up_from_mcore",
     "tp_partition_dim",
-    "hf_to_mcore_shard",
     "iter_hf_to_mcore_shard",
     "mcore_param_to_hf",
-    "iter_mcore_to_hf",
-    "mcore_shards_to_hf",
-    "iter_buckets",
 ]
 
 LM_PREFIX = "model.language_model."
@@ -384,24 +380,6 @@ def _vocab_shard(src: Any, vocab_size: int, padded: int, tp_rank: int, tp_size: 
     return out
 
 
-def hf_to_mcore_shard(
-    hf_tensors: Mapping[str, Any],
-    config: ConversionConfig,
-    tp_rank: int,
-    tp_size: int,
-    pp_rank: int,
-    pp_size: int,
-) -> dict[str, torch.Tensor]:
-    """The megatron-core state dict of one (tp_rank, pp_rank), built from HF tensors or lazy slices.
-
-    Only this rank's slices are read. Vision tower parameters (``model.visual.*``) come through unchanged
-    on the first pipeline stage. Raises ValueError for HF names with no mapping and KeyError for missing
-    ones. Keys are megatron-core's plain ``state_dict()`` names (stage-local layer numbers), so the result
-    loads with ``model.load_state_dict(..., strict=...)`` (TE's ``_extra_state`` entries aside).
-    """
-    return dict(iter_hf_to_mcore_shard(hf_tensors, config, tp_rank, tp_size, pp_rank, pp_size))
-
-
 def iter_hf_to_mcore_shard(
     hf_tensors: Mapping[str, Any],
     config: ConversionConfig,
@@ -410,8 +388,16 @@ def iter_hf_to_mcore_shard(
     pp_rank: int,
     pp_size: int,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """`hf_to_mcore_shard` one parameter at a time (copy each into the model as it comes, so a rank holds
-    at most one converted tensor besides its model). All names are checked before anything is read."""
+    """(megatron-core name, tensor) pairs of one (tp_rank, pp_rank)'s state dict, built from HF tensors or
+    lazy slices, one parameter at a time (copy each into the model as it comes, so a rank holds at most one
+    converted tensor besides its model).
+
+    Only this rank's slices are read, and all names are checked before anything is: ValueError for HF names
+    with no mapping, KeyError for missing ones. Vision tower parameters (``model.visual.*``) come through
+    unchanged on the first pipeline stage. Names are megatron-core's plain ``state_dict()`` names
+    (stage-local layer numbers), so the pairs load with ``model.load_state_dict(dict(...), strict=...)``
+    (TE's ``_extra_state`` entries aside).
+    """
     if not (0 <= tp_rank < tp_size and 0 <= pp_rank < pp_size):
         raise ValueError(f"rank (tp {tp_rank}, pp {pp_rank}) outside TP {tp_size} x PP {pp_size}")
     d = config.dims
@@ -565,45 +551,3 @@ def mcore_param_to_hf(
         f"megatron-core parameter {name} has no Hugging Face mapping under the {config.norm_scheme!r} norm scheme"
     )
 
-
-def iter_mcore_to_hf(
-    shards: Sequence[Sequence[Mapping[str, torch.Tensor]]], config: ConversionConfig
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) pairs, one megatron-core parameter at a time, from ``shards[pp][tp]``
-    (the state dict of each rank). Only one parameter's pieces are combined at once."""
-    pp_size = len(shards)
-    if pp_size == 0 or any(len(s) != len(shards[0]) for s in shards):
-        raise ValueError("shards must be a non-empty [pp][tp] nested list with the same TP size on every stage")
-    for pp_rank, stage in enumerate(shards):
-        for name in stage[0]:
-            if not_a_parameter(name):
-                continue
-            pieces = [rank[name] for rank in stage]
-            yield from mcore_param_to_hf(name, pieces, config, pp_rank, pp_size)
-
-
-def mcore_shards_to_hf(
-    shards: Sequence[Sequence[Mapping[str, torch.Tensor]]], config: ConversionConfig
-) -> dict[str, torch.Tensor]:
-    """The full HF state dict (language model + vision tower) from ``shards[pp][tp]``."""
-    return dict(iter_mcore_to_hf(shards, config))
-
-
-def iter_buckets(
-    pairs: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int
-) -> Iterator[list[tuple[str, torch.Tensor]]]:
-    """Group (name, tensor) pairs into lists of at most `bucket_bytes` (a larger tensor goes alone), in
-    order: what the vLLM weight sync and the HF export consume, so memory stays bounded."""
-    if bucket_bytes <= 0:
-        raise ValueError("bucket_bytes must be > 0")
-    bucket: list[tuple[str, torch.Tensor]] = []
-    size = 0
-    for name, t in pairs:
-        n = t.numel() * t.element_size()
-        if bucket and size + n > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += n
-    if bucket:
-        yield bucket
