@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ovr_hpc import dist
-from ovr_hpc.engines.base import as_floats, lr_lambda
+from ovr_hpc.engines.common import as_floats, lr_lambda
 
 
 def ds_config(parallel, optimizer, dtype: str) -> dict:

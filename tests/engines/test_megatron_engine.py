@@ -257,7 +257,7 @@ def test_tp2_checkpoint_resumes_at_pp2(model_dir, tmp_path):
 
 
 def test_optimizer_owners_balance_elements():
-    from ovr_hpc.engines.megatron.engine import owners_by_size
+    from ovr_hpc.engines.megatron.optimizer import owners_by_size
 
     params = [torch.zeros(n) for n in (100, 60, 50, 40, 10, 5)]
     owner = owners_by_size(params, 2)

@@ -9,13 +9,11 @@ Micro-batches go through megatron-core's pipeline schedule (1F1B at PP > 1, a pl
 last stage computes the loss; what the loops need on every rank (old log-probs, values, loss statistics)
 is broadcast from it over the pipeline group.
 
-Optimizer (ours, plain torch, the same on CPU and GPU): AdamW over fp32 parameters (they are the master
-weights; with ``model.dtype: bfloat16`` the forward runs under bf16 autocast on GPUs), its states sharded
-over data-parallel ranks by whole parameters (each DP rank updates the parameters it owns and broadcasts
-them); gradients averaged over data-parallel ranks, replicated parameters' gradients (vision tower, norms,
-value head) averaged over tensor-parallel ranks, tied embeddings summed across the first and last stage,
-the global norm clipped over the model-parallel group. megatron-core's own DDP and distributed optimizer
-are not used: they need CUDA, so they could not be tested here.
+Optimizer: `optimizer.ShardedAdamW` (ours, plain torch: AdamW over the fp32 master parameters, its states
+sharded over data-parallel ranks by whole parameters, ZeRO-1). It averages gradients over data-parallel
+ranks; the engine then averages replicated parameters' gradients (vision tower, norms, value head) over
+tensor-parallel ranks, sums tied embeddings across the first and last stage and clips the global norm over
+the model-parallel group, before the optimizer's step.
 
 Checkpoints: megatron-core distributed checkpointing (model and optimizer as sharded tensors, layout-free
 on disk), the scheduler and the loop's state as common state.
@@ -30,7 +28,7 @@ import torch
 from torch import nn
 
 from ovr_hpc import dist
-from ovr_hpc.engines.base import as_floats, lr_lambda
+from ovr_hpc.engines.common import as_floats
 from ovr_hpc.engines.megatron import model as mcore_model
 from ovr_hpc.engines.megatron.convert import (
     FINAL_NORM,
@@ -43,6 +41,7 @@ from ovr_hpc.engines.megatron.convert import (
     tp_partition_dim,
 )
 from ovr_hpc.engines.megatron.layout import validate_megatron_layout
+from ovr_hpc.engines.megatron.optimizer import ShardedAdamW, all_reduce_flat
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -144,17 +143,8 @@ class MegatronEngine:
                                     for n in (self.conversion.input_norm_name(j), self.conversion.pre_mlp_norm_name(j))}
             self.sequence_partial = {id(t) for name, t in local.items() if name in norms}
 
-        # AdamW states sharded over data-parallel ranks (ZeRO-1 by whole parameters): each DP rank updates the
-        # parameters it owns and broadcasts them; 8 bytes of state per parameter become 8 / DP
-        self.owner = owners_by_size(self.params, self.dp_size)
-        self.owned = [p for p in self.params if self.owner[id(p)] == self.dp_rank]
-        # (a DP rank may own nothing when a stage has fewer parameters than there are DP ranks: AdamW needs one)
-        self.optimizer = torch.optim.AdamW(
-            self.owned or [nn.Parameter(torch.zeros(0, device=self.device))], lr=optimizer.lr,
-            betas=tuple(optimizer.betas), eps=optimizer.eps, weight_decay=optimizer.weight_decay,
-            fused=torch.cuda.is_available() or None)
-        self.updates = 0
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(schedule, total_steps))
+        # AdamW states sharded over data-parallel ranks (ZeRO-1 by whole parameters)
+        self.optimizer = ShardedAdamW(self.params, optimizer, schedule, total_steps, self.dp_group, self.device)
         self.grad_clip = optimizer.grad_clip
         self._grad_norm = float("nan")
 
@@ -277,39 +267,20 @@ class MegatronEngine:
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in self.params]
-        if self.dp_size > 1:
-            _all_reduce(grads, self.dp_group, divisor=self.dp_size)
+        self.optimizer.average_gradients()
         if self.tp_size > 1:
             partial = [p.grad for p in self.params if id(p) in self.sequence_partial]
-            _all_reduce(partial, self.tp_group)  # a sum
+            all_reduce_flat(partial, self.tp_group)  # a sum
             replicated = [p.grad for p in self.params if id(p) not in self.tp_sharded | self.sequence_partial]
-            _all_reduce(replicated, self.tp_group, divisor=self.tp_size)
+            all_reduce_flat(replicated, self.tp_group, divisor=self.tp_size)
         if self.pp_size > 1 and self.stage.language.share_embeddings_and_output_weights and (self.is_first or self.is_last):
             weight = self.stage.language.shared_embedding_or_output_weight()
             if weight.requires_grad:
                 torch.distributed.all_reduce(weight.grad, group=ps.get_embedding_group())
         self._grad_norm = self._clip_grad_norm()
         self.optimizer.step()
-        self.scheduler.step()
-        if self.dp_size > 1:
-            self._broadcast_from_owners()
         for p in self.params:
             p.grad = None
-        self.updates += 1
-
-    def _broadcast_from_owners(self) -> None:
-        """Every DP rank gets the parameters the others updated (one flat broadcast per owner and bucket)."""
-        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-        for owner in range(self.dp_size):
-            src = torch.distributed.get_global_rank(self.dp_group, owner)
-            for chunk in _buckets([p.data for p in self.params if self.owner[id(p)] == owner]):
-                flat = _flatten_dense_tensors(chunk)
-                torch.distributed.broadcast(flat, src=src, group=self.dp_group)
-                if owner != self.dp_rank:
-                    for t, updated in zip(chunk, _unflatten_dense_tensors(flat, chunk)):
-                        t.copy_(updated)
 
     def _clip_grad_norm(self) -> float:
         """Global L2 norm over the whole model: tensor-parallel shards counted on every TP rank,
@@ -335,7 +306,7 @@ class MegatronEngine:
         return self._grad_norm
 
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return self.optimizer.lr()
 
     def loss_scale_for_mean(self) -> float:
         """Gradients are averaged over data-parallel ranks (as DeepSpeed does)."""
@@ -353,28 +324,6 @@ class MegatronEngine:
                 sharded.update(make_sharded_tensors_for_checkpoint(module.state_dict(keep_vars=True), prefix))
         return sharded
 
-    def _sharded_optimizer_state_dict(self, model_sharded: dict, template: bool) -> dict:
-        from megatron.core.dist_checkpointing.optimizer import (
-            get_param_id_to_sharded_param_map,
-            optim_state_to_sharding_state,
-        )
-
-        state = self.optimizer.state_dict()
-        if template:  # before the first step AdamW has no state: describe what the checkpoint holds
-            state["state"] = {i: {"exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-                              for i, p in enumerate(self.owned)}
-        id_map = get_param_id_to_sharded_param_map(model_sharded, self.owned)
-        optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
-        for per_param in state["state"].values():
-            for sharded in per_param.values():
-                # only the owner holds this state: it is the main replica along the data-parallel axis (the
-                # model's replica id, whose last entry is the DP rank, would elect DP rank 0 instead)
-                if isinstance(sharded.replica_id, tuple):
-                    sharded.replica_id = (*sharded.replica_id[:-1], 0)
-                else:
-                    sharded.replica_id = 0
-        return state
-
     def save(self, directory: str, client_state: dict) -> None:
         """All ranks: sharded model + optimizer (megatron-core distributed checkpoint) into `directory`."""
         from megatron.core import dist_checkpointing
@@ -382,35 +331,17 @@ class MegatronEngine:
         os.makedirs(directory, exist_ok=True)
         dist.barrier()
         model_sharded = self._sharded_model_state_dict()
-        state = {
-            "model": model_sharded,
-            "optimizer": self._sharded_optimizer_state_dict(model_sharded, template=False),
-            "scheduler": self.scheduler.state_dict(),
-            "updates": self.updates,
-            "client_state": client_state,
-        }
+        state = {"model": model_sharded, **self.optimizer.state_to_save(model_sharded), "client_state": client_state}
         dist_checkpointing.save(state, directory)
 
     def load(self, directory: str) -> dict:
         from megatron.core import dist_checkpointing
 
         model_sharded = self._sharded_model_state_dict()
-        template = {
-            "model": model_sharded,
-            "optimizer": self._sharded_optimizer_state_dict(model_sharded, template=True),
-        }
+        template = {"model": model_sharded, **self.optimizer.state_to_load(model_sharded)}
         loaded = dist_checkpointing.load(template, directory)
         self._copy_model_state(loaded["model"])
-        self.updates = int(loaded["updates"])
-        optim_state = self.optimizer.state_dict()
-        # every parameter takes part in every update, so AdamW's per-parameter step count is the update count
-        optim_state["state"] = {
-            i: {**s, "step": torch.tensor(float(self.updates))} for i, s in loaded["optimizer"]["state"].items()
-        } if self.updates > 0 and self.owned else {}
-        self.optimizer.load_state_dict(optim_state)
-        self.scheduler.load_state_dict(loaded["scheduler"])
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr  # the param groups are not in the checkpoint; the scheduler knows the lr
+        self.optimizer.load(loaded)
         return loaded["client_state"]
 
     def _copy_model_state(self, loaded: dict) -> None:
@@ -466,42 +397,3 @@ class MegatronEngine:
             torch.distributed.broadcast(t, src=src, group=self.pp_group)
             yield name, t
 
-
-def owners_by_size(params: list[torch.Tensor], num_ranks: int) -> dict[int, int]:
-    """{id(param): rank}: whole parameters to ranks, largest first to the least loaded (ties to the lower
-    rank), so every rank holds about 1/num_ranks of the elements. Deterministic in the parameters' order
-    and shapes: every rank computes the same assignment."""
-    load = [0] * num_ranks
-    owner = {}
-    for i in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
-        rank = min(range(num_ranks), key=lambda r: (load[r], r))
-        owner[id(params[i])] = rank
-        load[rank] += params[i].numel()
-    return owner
-
-
-def _buckets(tensors: list[torch.Tensor], bucket_elems: int = 1 << 26) -> Iterator[list[torch.Tensor]]:
-    """Consecutive tensors in lists of at most `bucket_elems` elements (a larger tensor goes alone)."""
-    chunk, elems = [], 0
-    for t in tensors:
-        if chunk and elems + t.numel() > bucket_elems:
-            yield chunk
-            chunk, elems = [], 0
-        chunk.append(t)
-        elems += t.numel()
-    if chunk:
-        yield chunk
-
-
-def _all_reduce(tensors: list[torch.Tensor], group, divisor: int = 1) -> None:
-    """Sum gradients over `group` (then divide: `divisor` = the group size averages them) in a few flat
-    buckets (fewer collectives than one per tensor)."""
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    for chunk in _buckets(tensors):
-        flat = _flatten_dense_tensors(chunk)
-        torch.distributed.all_reduce(flat, group=group)
-        if divisor != 1:
-            flat.div_(divisor)
-        for t, reduced in zip(chunk, _unflatten_dense_tensors(flat, chunk)):
-            t.copy_(reduced)
