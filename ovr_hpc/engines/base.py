@@ -15,7 +15,8 @@ Two engines implement the surface: `deepspeed.DeepSpeedEngine` (ZeRO-1/2/3, Auto
 * the layout: ``dp_rank``, ``dp_size`` (which share of the data this rank trains on),
   ``model_parallel_size`` (ranks that hold one replica and see the same data: sums all-reduced over the
   world count each sample that many times), ``loss_scale_for_mean()`` (multiply a ``sum / N_global``
-  loss by it: the engine averages gradients over data-parallel ranks).
+  loss by it: the engine averages gradients over data-parallel ranks), ``dp_sum(values)`` (sums over the
+  data-parallel replicas, on every rank: what a loop all-reduces, each replica counted once).
 """
 
 from __future__ import annotations

@@ -111,6 +111,11 @@ class DeepSpeedEngine:
         """Multiply a loss `sum / N_global` by this: DeepSpeed averages gradients over data-parallel ranks."""
         return float(self.dp_size)
 
+    def dp_sum(self, values: list[float]) -> list[float]:
+        """Sums over the data-parallel replicas (every rank gets them): a world all-reduce with the ranks
+        of one replica, which hold the same data, counted once."""
+        return [x / self.model_parallel_size for x in dist.all_reduce_sum(values)]
+
     def save(self, directory: str, client_state: dict) -> None:
         """All ranks: model, optimizer and scheduler state (sharded as trained) into `directory`."""
         self.engine.save_checkpoint(directory, tag="engine", client_state=client_state)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import time
 import zlib
 from collections import Counter
@@ -41,6 +40,7 @@ from ovr_hpc.data.errors import BadRecord
 from ovr_hpc.eval.benchmarks import BENCHMARKS, Benchmark, EvalSample, paper_numbers
 from ovr_hpc.eval.config import EvalConfig
 from ovr_hpc.grading import RewardPool, extract_last_boxed
+from ovr_hpc.stage import caught_stop_signals
 
 SHARD_PREFIX = "samples.rank"
 MERGED = "samples.jsonl"
@@ -248,13 +248,9 @@ class _Run:
         self.info = dist.detect_rank_info()
         if self.info.world_size > 1:
             self.info = dist.init_distributed()
-        self.stop = dist.StopRequest()
-        self._old_handlers = {}
-        try:
-            self._old_handlers = {n: signal.getsignal(getattr(signal, n)) for n in dist.StopRequest.SIGNALS}
-            self.stop.install()
-        except ValueError:  # not the main thread (e.g. an in-process launcher): no signal handling
-            self._old_handlers = {}
+        # the stop flag; the caller's signal handlers come back at close() (tests, the demo run evals in-process)
+        self._signals = caught_stop_signals()
+        self.stop = self._signals.__enter__()
         self.model_dir, self.model_step = resolve_model(cfg.model.path)
         self._engine, self._own_engine = engine, engine is None
         self._pool = None
@@ -282,11 +278,9 @@ class _Run:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.close()
-        if self._own_engine and self._engine is not None and hasattr(self._engine, "close"):
+        if self._own_engine and self._engine is not None:
             self._engine.close()
-        for name, handler in self._old_handlers.items():  # the caller's handlers again (tests, the demo)
-            signal.signal(getattr(signal, name), handler)
-        self.stop.consume()
+        self._signals.__exit__(None, None, None)
 
 
 def run_benchmark(run: _Run, spec) -> dict:

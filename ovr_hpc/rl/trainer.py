@@ -6,36 +6,369 @@ critic updates -> weights to the rollout engine -> metrics -> checkpoint / stop 
 
 Each rank generates for its share of the step's prompts (all `samples_per_prompt` of a prompt on the
 same rank, so group statistics stay local), and trains on what it generated. Sums that must be global
-(advantage moments, token counts, metrics) are all-reduced; micro-batches are cut by a token budget and
-every rank runs the same number of them (ZeRO-3 gathers parameters collectively).
+(advantage moments, token counts, metrics) go through the engine's `dp_sum`; micro-batches are cut by a
+token budget and every rank runs the same number of them (ZeRO-3 gathers parameters collectively).
+Each section of the step is a function below the loop, over one `RolloutBatch`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import math
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
-from ovr_hpc import dist, preflight
-from ovr_hpc.checkpoint import COMPLETE, checkpoints_dir, end_of_step, load_checkpoint, preempted, save_checkpoint
-from ovr_hpc.config import RLConfig, dump_config, to_dict
+from ovr_hpc import dist, stage as stages
+from ovr_hpc.checkpoint import preempted
+from ovr_hpc.config import RLConfig, to_dict
 from ovr_hpc.data.dataset import IGNORE_INDEX, Collator, rows_at
 from ovr_hpc.data.templates import TokenizedSample
 from ovr_hpc.engines.base import build_engine
+from ovr_hpc.grading import RewardPool
 from ovr_hpc.metrics import MetricsLogger
 from ovr_hpc.models.loading import TokenLogprobs, load_processor, load_vlm
 from ovr_hpc.rl import advantages as adv_fns
 from ovr_hpc.rl import losses
 from ovr_hpc.rl.prompts import load_rl_prompts, stop_strings, to_rollout_prompt
-from ovr_hpc.grading import RewardPool
 from ovr_hpc.rollout.base import RolloutInterrupted, SamplingParams
-from ovr_hpc.sft.trainer import seed_everything
 
 
-# ----------------------------------------------------------------------------- small helpers
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(cfg: RLConfig) -> dict:
+    # ---- where we are: ranks, every pre-run check, the stop flag, seeds (ovr_hpc/stage.py)
+    stage = stages.start(cfg, cfg.checkpoint.output_dir)
+    info, log, out_dir = stage.info, stage.log, stage.out_dir
+    alg, ro = cfg.algorithm, cfg.rollout
+
+    # ---- prompts (checked once, split over the ranks, cached), same list on every rank
+    processor = load_processor(cfg.model.path, cfg.data.min_pixels, cfg.data.max_pixels)
+    prompts, report = load_rl_prompts(cfg.data, processor, cfg.model.path,
+                                      cfg.data.cache_dir or os.path.join(out_dir, "data_cache"), info.rank,
+                                      info.world_size)
+    log(report.format())
+    report.check_threshold(cfg.data.max_bad_fraction)
+    if not prompts:
+        raise ValueError(f"no usable prompts in {cfg.data.train_files}")
+    total_steps = cfg.schedule.max_steps or math.ceil(cfg.schedule.epochs * len(prompts) / ro.prompts_per_step)
+
+    # ---- policy, critic, reference, rollout engine, reward workers
+    policy = build_engine("policy", cfg.model, cfg.parallel, cfg.optimizer, cfg.schedule, total_steps, info.world_size)
+    engines = {"policy": policy}
+    critic = None
+    if alg.advantage == "gae":
+        critic = engines["critic"] = build_engine("critic", cfg.model, cfg.parallel, cfg.critic.optimizer,
+                                                  cfg.schedule, total_steps, info.world_size,
+                                                  model_path=cfg.critic.path, seed=cfg.seed)
+    reference = build_reference(cfg) if alg.kl_coef > 0 else None
+    rollout = build_rollout_engine(cfg, processor, info)
+    reward_pool = RewardPool(alg.reward_workers, alg.reward_timeout_s)
+    collator = Collator(processor, cfg.data.min_pixels, cfg.data.max_pixels,
+                        always_run_vision=any(p.images for p in prompts))
+
+    # ---- resume; the rollout engine then serves the resumed weights, never the initial ones (vLLM starts
+    #      with dummy weights)
+    state = stage.resume(engines)
+    step, tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
+    rollout.load_weights(policy.iter_full_params())
+    metrics = MetricsLogger(out_dir, info.is_main, cfg.logging, total_steps, resume_step=step,
+                            run_config=to_dict(cfg))
+
+    def save() -> None:
+        stage.save(engines, {"step": step, "tokens_seen": tokens_seen, "prompts_consumed": step * ro.prompts_per_step,
+                             "max_response_len": ro.response_len_at(step)})
+
+    status: str | None = None  # stays None when a resumed run had already finished
+    while step < total_steps:
+        times, t_step = {}, time.perf_counter()
+        # ---- 1. this rank's prompts of the step; generate (a stop signal drops the step: it is drawn again
+        #         from the same seeds after the resume, and the checkpoint is the state it started from)
+        mine = step_prompts(prompts, step, cfg, policy)
+        params = sampling_params(cfg, step, policy.dp_rank)
+        with timed(times, "generate"):
+            completions = generate(rollout, mine, cfg, params, stage.stop)
+        if completions is None:
+            status = stop_during_rollouts(stage, step, save)
+            break
+        # ---- 2. rewards, in worker processes
+        with timed(times, "reward"):
+            batch = score(mine, completions, reward_pool)
+        if info.is_main:  # a few responses per step, the first thing to read when rewards look wrong
+            log_samples(out_dir, step + 1, mine, batch)
+        # ---- 3. old log-probs and values, on packed micro-batches (the same count on every rank)
+        with timed(times, "logprobs"):
+            packed = Packed(batch, range(len(batch.samples)), alg.max_tokens_per_microbatch, collator)
+            old_logprobs_and_values(packed, policy, critic, reference, ro.temperature)
+        # ---- 4. advantages: GAE whitened over the global batch, or GRPO's group-normalised rewards
+        num_tokens = compute_advantages(batch, alg, ro.samples_per_prompt, policy)
+        # ---- 5. policy update(s): token-level PPO over the global batch
+        with timed(times, "policy_update"):
+            policy_stats = update_policy(policy, packed, alg, num_tokens / policy.loss_scale_for_mean(),
+                                         ro.temperature, reference is not None)
+        # ---- 6. critic updates: one pass in shuffled mini-batches (ORZ's critic_update_steps)
+        with timed(times, "critic_update"):
+            critic_stats = update_critic(critic, batch, collator, alg, seed=step_seed(cfg, step, policy.dp_rank))
+        # ---- 7. the new policy's weights to the rollout engine
+        with timed(times, "sync"):
+            rollout.load_weights(policy.iter_full_params())
+        # ---- 8. metrics (global sums; per-source accuracy)
+        step += 1
+        values = step_metrics(batch, policy_stats, critic_stats, policy, critic is not None)
+        tokens_seen += int(values.pop("_tokens"))
+        values.update(step_timing(times, t_step, batch, policy), lr=policy.lr(), grad_norm=policy.grad_norm(),
+                      max_response_len=params.max_new_tokens, **report.as_metrics())
+        if critic is not None:
+            values.update({"critic/lr": critic.lr(), "critic/grad_norm": critic.grad_norm()})
+        metrics.log(step, values)
+        # ---- 9. checkpoint / stop
+        status = stage.end_of_step(step, total_steps, save)
+        if status:
+            break
+    result = stage.finish(status, step, total_steps, save)
+    reward_pool.close()
+    rollout.close()
+    metrics.close()
+    return result
+
+
+# ----------------------------------------------------------------------------- one step's batch
+
+
+@dataclass
+class RolloutSample:
+    """One response of the step on this rank, and what the trainer computes for it (per response token)."""
+
+    tokens: TokenizedSample          # prompt + response ids, the loss span on the response, the images
+    prompt: int                      # index among this rank's prompts of the step
+    text: str                        # the response as graded
+    finish_reason: str               # "stop" (end of turn or a stop string) or "length" (truncated)
+    source: str
+    response_len: int
+    rollout_logprobs: torch.Tensor   # as the rollout engine sampled them (vLLM's may differ in length)
+    reward: float = 0.0
+    reason: str = ""
+    old_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason == "stop"
+
+
+@dataclass
+class RolloutBatch:
+    samples: list[RolloutSample]
+
+    def column(self, name: str) -> list:
+        return [getattr(s, name) for s in self.samples]
+
+
+class Packed:
+    """Some samples of a batch as micro-batches of packed rows: consecutive samples up to a token budget,
+    padded with empty micro-batches to the same count on every rank. Moves per-sample response vectors to
+    and from the rows' loss positions."""
+
+    def __init__(self, batch: RolloutBatch, indices, budget: int, collator: Collator):
+        indices = list(indices)
+        lengths = [len(batch.samples[i].tokens.input_ids) for i in indices]
+        self.batch = batch
+        self.groups = [[indices[k] for k in g] for g in token_budget_batches(lengths, budget)]
+        count = max(1, int(dist.all_reduce_max(len(self.groups))))
+        self.groups += [[] for _ in range(count - len(self.groups))]  # no-loss dummy forwards
+        self.micro = [make_micro_batch(collator, batch, g) for g in self.groups]
+
+    def mask(self, j: int) -> torch.Tensor:
+        return (self.micro[j].targets != IGNORE_INDEX).float()
+
+    def on_positions(self, j: int, name: str) -> torch.Tensor:
+        """Field `name` of micro-batch j's samples at its loss positions."""
+        return scatter_to_positions([getattr(self.batch.samples[i], name) for i in self.groups[j]],
+                                    self.micro[j].targets)
+
+    def store(self, j: int, name: str, per_position: torch.Tensor) -> None:
+        """The inverse: a [T] tensor over micro-batch j's positions into field `name` of its samples."""
+        group = self.groups[j]
+        lengths = [self.batch.samples[i].response_len for i in group]
+        for i, v in zip(group, gather_from_positions(per_position, self.micro[j].targets, lengths)):
+            setattr(self.batch.samples[i], name, v)
+
+
+# ----------------------------------------------------------------------------- the sections of a step
+
+
+def step_seed(cfg: RLConfig, step: int, dp_rank: int) -> int:
+    """Sampling and mini-batch shuffling of a step on a rank: a resumed run draws the same ones."""
+    return cfg.seed * 1_000_003 + step * 1009 + dp_rank
+
+
+def step_prompts(prompts: list, step: int, cfg: RLConfig, policy) -> list:
+    """This data-parallel rank's share of the step's prompts (the order: an endless seeded stream)."""
+    ro = cfg.rollout
+    ids = rows_at(step * ro.prompts_per_step, ro.prompts_per_step, len(prompts), cfg.seed, cfg.data.shuffle)
+    per_rank = ro.prompts_per_step // policy.dp_size
+    return [prompts[i] for i in ids[policy.dp_rank * per_rank : (policy.dp_rank + 1) * per_rank]]
+
+
+def sampling_params(cfg: RLConfig, step: int, dp_rank: int) -> SamplingParams:
+    ro = cfg.rollout
+    return SamplingParams(n=ro.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
+                          max_new_tokens=ro.response_len_at(step), stop=stop_strings(cfg.data, ro),
+                          seed=step_seed(cfg, step, dp_rank))
+
+
+def generate(rollout, prompts: list, cfg: RLConfig, params: SamplingParams, stop) -> list | None:
+    """n completions per prompt, or None when a stop signal interrupted the rollouts. The engine sleeps
+    afterwards (vLLM: its weights and KV cache make room for the updates, or a save)."""
+    try:
+        completions = rollout.generate([to_rollout_prompt(p, cfg.data) for p in prompts], params,
+                                       should_stop=stop.agreed)
+    except RolloutInterrupted:
+        completions = None
+    rollout.sleep()
+    return completions
+
+
+def stop_during_rollouts(stage, step: int, save) -> str:
+    """A stop while generating step + 1: that step never happened; step `step` is saved (if not already)."""
+    moment = f" during the rollouts of step {step + 1}"
+    if stage.saved(step):
+        return preempted(stage.stop, stage.log, f"{moment}: step {step} is saved already")
+    return preempted(stage.stop, stage.log, f"{moment}: saving step {step}", save)
+
+
+def score(prompts: list, completions: list, reward_pool: RewardPool) -> RolloutBatch:
+    """Completions -> the step's samples with their rewards (graded in the pool's worker processes)."""
+    samples, items = [], []
+    for k, (p, outs) in enumerate(zip(prompts, completions)):
+        for c in outs:
+            ids = c.prompt_ids + c.token_ids
+            tokens = TokenizedSample(ids, [(len(c.prompt_ids), len(ids))], p.images, p.image_sizes, p.where)
+            samples.append(RolloutSample(tokens, k, c.text, c.finish_reason, p.source, len(c.token_ids),
+                                         torch.tensor(c.logprobs, dtype=torch.float32)))
+            items.append((c.text, p.answer, p.answer_type, c.finish_reason == "stop"))
+    for s, r in zip(samples, reward_pool.score_batch(items)):
+        s.reward, s.reason = r.score, r.reason
+    return RolloutBatch(samples)
+
+
+@torch.no_grad()
+def old_logprobs_and_values(packed: Packed, policy, critic, reference, temperature: float) -> None:
+    """The log-probs of the sampled tokens under the policy that sampled them (recomputed by the trainer),
+    the critic's values, and the reference's log-probs (only with a KL penalty)."""
+    logprobs = policy.forward(packed.micro, temperature=temperature)
+    values = critic.forward(packed.micro) if critic is not None else [None] * len(packed.micro)
+    for j, ((lp, _), v) in enumerate(zip(logprobs, values)):
+        packed.store(j, "old_logprobs", lp)
+        if v is not None:
+            packed.store(j, "values", v)
+        if reference is not None:
+            rlp, _ = reference(**packed.micro[j].model_inputs(), temperature=temperature)
+            packed.store(j, "ref_logprobs", rlp)
+
+
+def compute_advantages(batch: RolloutBatch, alg, group_size: int, policy) -> float:
+    """Advantages and returns of every sample (step_advantages); returns the global response-token count."""
+    advantages, returns, num_tokens = step_advantages(alg, batch.column("reward"), batch.column("values"),
+                                                      batch.column("response_len"), group_size, policy.dp_sum)
+    for s, a, r in zip(batch.samples, advantages, returns):
+        s.advantages, s.returns = a, r
+    return num_tokens
+
+
+def ppo_loss(j: int, output, *, packed: Packed, alg, normalizer: float, kl: bool):
+    """Micro-batch j's share of the global token-mean PPO loss (+ entropy bonus, + KL to the reference)."""
+    lp, entropy = output
+    mask = packed.mask(j)
+    loss, stats = losses.ppo_policy_loss(lp, packed.on_positions(j, "old_logprobs"),
+                                         packed.on_positions(j, "advantages"), mask, alg.clip_eps,
+                                         alg.clip_eps_high, alg.dual_clip, normalizer=normalizer)
+    if alg.entropy_coef:
+        loss = loss - alg.entropy_coef * losses.masked_token_sum(entropy, mask, normalizer)
+    if kl:
+        penalty = losses.kl_penalty(lp, packed.on_positions(j, "ref_logprobs"), alg.kl_kind)
+        loss = loss + alg.kl_coef * losses.masked_token_sum(penalty, mask, normalizer)
+        stats["kl_ref_sum"] = (penalty.detach() * mask).sum().double()
+    stats["entropy_sum"] = (entropy.detach() * mask).sum().double()
+    return loss, stats
+
+
+def update_policy(policy, packed: Packed, alg, normalizer: float, temperature: float, kl: bool) -> dict:
+    """`policy_updates_per_step` optimizer steps, each over the whole batch; stats summed (ratio_max: max)."""
+    stats_sum = defaultdict(float)
+    loss_fn = functools.partial(ppo_loss, packed=packed, alg=alg, normalizer=normalizer, kl=kl)
+    for _ in range(alg.policy_updates_per_step):
+        for stats in policy.forward_backward(packed.micro, loss_fn, temperature=temperature, return_entropy=True):
+            for k, v in stats.items():
+                stats_sum[k] = max(stats_sum[k], v) if k == "ratio_max" else stats_sum[k] + v
+        policy.step()
+    return stats_sum
+
+
+def value_loss(j: int, values, *, packed: Packed, alg, normalizer: float):
+    return losses.value_loss(values, packed.on_positions(j, "values"), packed.on_positions(j, "returns"),
+                             packed.mask(j), alg.value_clip, normalizer=normalizer)
+
+
+def update_critic(critic, batch: RolloutBatch, collator: Collator, alg, seed: int) -> dict:
+    """One pass over the step's samples, shuffled into `critic_updates_per_step` mini-batches, an optimizer
+    step each; each mini-batch's loss is its own global token mean. Stats summed over the pass."""
+    stats_sum = defaultdict(float)
+    if critic is None:
+        return stats_sum
+    for indices in minibatch_split(len(batch.samples), alg.critic_updates_per_step, seed=seed):
+        packed = Packed(batch, indices, alg.max_tokens_per_microbatch, collator)
+        (tokens,) = critic.dp_sum([float(sum(batch.samples[i].response_len for i in indices))])
+        loss_fn = functools.partial(value_loss, packed=packed, alg=alg,
+                                    normalizer=tokens / critic.loss_scale_for_mean())
+        for stats in critic.forward_backward(packed.micro, loss_fn):
+            for k, v in stats.items():
+                stats_sum[k] += v
+        critic.step()
+    return stats_sum
+
+
+@contextlib.contextmanager
+def timed(times: dict, name: str):
+    t = time.perf_counter()
+    yield
+    times[name] = time.perf_counter() - t
+
+
+def step_timing(times: dict, t_step: float, batch: RolloutBatch, policy) -> dict:
+    seconds = time.perf_counter() - t_step
+    (tokens,) = policy.dp_sum([float(sum(len(s.tokens.input_ids) for s in batch.samples))])
+    return {**{f"time/{k}": v for k, v in times.items()}, "time/step": seconds, "tokens_per_second": tokens / seconds}
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def build_reference(cfg: RLConfig):
+    """A frozen copy of the initial policy, outside the engine (only with a KL penalty)."""
+    reference = TokenLogprobs(load_vlm(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation))
+    return reference.to(dist.device()).eval().requires_grad_(False)
+
+
+def build_rollout_engine(cfg: RLConfig, processor, info):
+    if cfg.rollout.engine == "vllm":
+        from ovr_hpc.rollout.vllm import VLLMRolloutEngine
+
+        return VLLMRolloutEngine.from_config(cfg, processor, info)
+    from ovr_hpc.rollout.hf import HFRolloutEngine
+
+    model = load_vlm(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device())
+    model.config.use_cache = True  # the trainer's copies turn the cache off; generation wants it
+    return HFRolloutEngine(model, processor, cfg.data.min_pixels, cfg.data.max_pixels, cfg.rollout.batch_size)
 
 
 def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
@@ -101,314 +434,51 @@ def gather_from_positions(values: torch.Tensor, targets: torch.Tensor, lengths: 
     return list(torch.split(picked, lengths))
 
 
-class Rollouts:
-    """One step's sequences on this rank: token ids, images, response lengths, rewards, and what the
-    trainer computes for them (old log-probs, values, advantages, returns), per sample."""
-
-    def __init__(self):
-        self.samples: list[TokenizedSample] = []
-        self.prompt_index: list[int] = []
-        self.response_len: list[int] = []
-        self.finished: list[bool] = []
-        self.rewards: list[float] = []
-        self.reasons: list[str] = []
-        self.sources: list[str] = []
-        self.vllm_logprobs: list[torch.Tensor] = []
-        self.old_logprobs: list[torch.Tensor] = []
-        self.ref_logprobs: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-        self.advantages: list[torch.Tensor] = []
-        self.returns: list[torch.Tensor] = []
-
-
-# ----------------------------------------------------------------------------- the loop
-
-
-def train(cfg: RLConfig) -> dict:
-    # ---- where we are, and the stop flag
-    info = dist.init_distributed()
-    checks = preflight.at_start(cfg, info.world_size)   # every pre-run check, on this machine (ovr_hpc/preflight.py)
-    stop = dist.StopRequest().install()
-    seed_everything(cfg.seed)
-    out_dir = cfg.checkpoint.output_dir
-    os.makedirs(out_dir, exist_ok=True)
-    log = print if info.is_main else (lambda *a, **k: None)
-    alg, ro = cfg.algorithm, cfg.rollout
-    device = dist.device()
-
-    # ---- prompts (checked once, split over the ranks, cached), same list on every rank
-    processor = load_processor(cfg.model.path, cfg.data.min_pixels, cfg.data.max_pixels)
-    prompts, report = load_rl_prompts(cfg.data, processor, cfg.model.path,
-                                      cfg.data.cache_dir or os.path.join(out_dir, "data_cache"), info.rank,
-                                      info.world_size)
-    log(report.format())
-    report.check_threshold(cfg.data.max_bad_fraction)
-    if not prompts:
-        raise ValueError(f"no usable prompts in {cfg.data.train_files}")
-    total_steps = cfg.schedule.max_steps or math.ceil(cfg.schedule.epochs * len(prompts) / ro.prompts_per_step)
-    has_images = any(p.images for p in prompts)
-
-    # ---- policy, critic, rollout engine, reward workers
-    policy = build_engine("policy", cfg.model, cfg.parallel, cfg.optimizer, cfg.schedule, total_steps, info.world_size)
-    engines = {"policy": policy}
-    critic = None
-    if alg.advantage == "gae":
-        critic = build_engine("critic", cfg.model, cfg.parallel, cfg.critic.optimizer, cfg.schedule, total_steps,
-                              info.world_size, model_path=cfg.critic.path, seed=cfg.seed)
-        engines["critic"] = critic
-    reference = None
-    if alg.kl_coef > 0:  # a frozen copy of the initial policy, outside the engine
-        reference = TokenLogprobs(load_vlm(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation)).to(device)
-        reference.eval().requires_grad_(False)
-    rollout = build_rollout_engine(cfg, processor, info)
-    reward_pool = RewardPool(alg.reward_workers, alg.reward_timeout_s)
-    collator = Collator(processor, cfg.data.min_pixels, cfg.data.max_pixels, always_run_vision=has_images)
-    prompts_per_rank = ro.prompts_per_step // policy.dp_size
-    stops = stop_strings(cfg.data, ro)
-
-    # ---- resume; the rollout engine then serves the resumed weights, never the initial ones
-    step, tokens_seen = 0, 0
-    resume_from = checks.resume_from
-    if resume_from:
-        state = load_checkpoint(engines, resume_from)
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        log(f"resumed from {resume_from} at step {step}")
-    # the policy's weights (initial or resumed) into the rollout engine; vLLM starts with dummy weights
-    rollout.load_weights(policy.iter_full_params())
-    metrics = MetricsLogger(out_dir, info.is_main, cfg.logging, total_steps, resume_step=step,
-                            run_config=to_dict(cfg))
-
-    def save() -> None:
-        save_checkpoint(engines, out_dir, step, {
-            "step": step, "tokens_seen": tokens_seen, "prompts_consumed": step * ro.prompts_per_step,
-            "max_response_len": ro.response_len_at(step)}, dump_config(cfg), cfg.model.path,
-            cfg.checkpoint.keep_last, cfg.checkpoint.save_hf_weights)
-
-    status: str | None = None  # stays None when a resumed run had already finished
-    while step < total_steps:
-        times, t_step = {}, time.perf_counter()
-
-        # ---- 1. prompts of this step, this rank's share; generate
-        t = time.perf_counter()
-        ids = rows_at(step * ro.prompts_per_step, ro.prompts_per_step, len(prompts), cfg.seed, cfg.data.shuffle)
-        mine = [prompts[i] for i in ids[policy.dp_rank * prompts_per_rank : (policy.dp_rank + 1) * prompts_per_rank]]
-        params = SamplingParams(n=ro.samples_per_prompt, temperature=ro.temperature, top_p=ro.top_p,
-                                max_new_tokens=ro.response_len_at(step), stop=stops,
-                                seed=cfg.seed * 1_000_003 + step * 1009 + policy.dp_rank)
-        try:
-            completions = rollout.generate([to_rollout_prompt(p, cfg.data) for p in mine], params,
-                                           should_stop=stop.agreed)
-        except RolloutInterrupted:
-            completions = None
-        if hasattr(rollout, "sleep"):
-            rollout.sleep()  # vLLM sleep mode: its weights and KV cache make room for the updates (or a save)
-        times["generate"] = time.perf_counter() - t
-        if completions is None:
-            # a stop signal while generating: this step never happened (its rollouts are drawn again from
-            # the same seeds after the resume); the checkpoint is the state the step started from
-            moment = f" during the rollouts of step {step + 1}"
-            if os.path.exists(os.path.join(checkpoints_dir(out_dir), f"step_{step}", COMPLETE)):
-                status = preempted(stop, log, f"{moment}: step {step} is saved already")
-            else:
-                status = preempted(stop, log, f"{moment}: saving step {step}", save)
-            break
-
-        # ---- 2. rewards, in worker processes
-        t = time.perf_counter()
-        batch = Rollouts()
-        items = []
-        for k, (p, outs) in enumerate(zip(mine, completions)):
-            for c in outs:
-                batch.samples.append(TokenizedSample(c.prompt_ids + c.token_ids, [(len(c.prompt_ids), len(c.prompt_ids)
-                                                     + len(c.token_ids))], p.images, p.image_sizes, p.where))
-                batch.prompt_index.append(k)
-                batch.response_len.append(len(c.token_ids))
-                batch.finished.append(c.finish_reason == "stop")
-                batch.sources.append(p.source)
-                batch.vllm_logprobs.append(torch.tensor(c.logprobs, dtype=torch.float32))
-                items.append((c.text, p.answer, p.answer_type, c.finish_reason == "stop"))
-        results = reward_pool.score_batch(items)
-        batch.rewards = [r.score for r in results]
-        batch.reasons = [r.reason for r in results]
-        times["reward"] = time.perf_counter() - t
-        if info.is_main:  # a few responses per step, the first thing to read when rewards look wrong
-            log_samples(out_dir, step + 1, mine, completions, results, ro.samples_per_prompt)
-
-        # ---- 3. micro-batches (same count on every rank) and old log-probs / values
-        t = time.perf_counter()
-        lengths = [len(s.input_ids) for s in batch.samples]
-        groups = token_budget_batches(lengths, alg.max_tokens_per_microbatch)
-        num_micro = int(dist.all_reduce_max(len(groups)))
-        groups += [[] for _ in range(num_micro - len(groups))]  # empty ones run a no-loss dummy forward
-        micro = [make_micro_batch(collator, batch, g) for g in groups]
-        old = policy.forward(micro, temperature=ro.temperature)
-        old_values = critic.forward(micro) if critic is not None else [None] * len(micro)
-        for g, mb, (lp, _), v in zip(groups, micro, old, old_values):
-            batch.old_logprobs += gather_from_positions(lp, mb.targets, [batch.response_len[i] for i in g])
-            if v is not None:
-                batch.values += gather_from_positions(v, mb.targets, [batch.response_len[i] for i in g])
-            if reference is not None:
-                with torch.no_grad():
-                    rlp, _ = reference(**mb.model_inputs(), temperature=ro.temperature)
-                batch.ref_logprobs += gather_from_positions(rlp, mb.targets, [batch.response_len[i] for i in g])
-        times["logprobs"] = time.perf_counter() - t
-
-        # ---- 4. advantages: GAE over tokens, whitened over the global batch (ORZ); or GRPO's group-normalised
-        #         rewards as they are (verl): a group whose rewards are all equal teaches nothing
-        batch.advantages, batch.returns, num_tokens_global = step_advantages(
-            alg, batch.rewards, batch.values, batch.response_len, ro.samples_per_prompt,
-            lambda xs: [x / policy.model_parallel_size for x in dist.all_reduce_sum(xs)])
-        normalizer = num_tokens_global / policy.loss_scale_for_mean()
-
-        # ---- 5. policy update(s): token-level PPO over the global batch
-        t = time.perf_counter()
-        policy_stats = defaultdict(float)
-
-        def policy_loss(j, output):
-            lp, entropy = output
-            g, mb = groups[j], micro[j]
-            mask = (mb.targets != IGNORE_INDEX).float()
-            old = scatter_to_positions([batch.old_logprobs[i] for i in g], mb.targets)
-            adv = scatter_to_positions([batch.advantages[i] for i in g], mb.targets)
-            loss, stats = losses.ppo_policy_loss(lp, old, adv, mask, alg.clip_eps, alg.clip_eps_high,
-                                                 alg.dual_clip, normalizer=normalizer)
-            if alg.entropy_coef:
-                loss = loss - alg.entropy_coef * losses.masked_token_sum(entropy, mask, normalizer)
-            if reference is not None:
-                ref = scatter_to_positions([batch.ref_logprobs[i] for i in g], mb.targets)
-                kl = losses.kl_penalty(lp, ref, alg.kl_kind)
-                loss = loss + alg.kl_coef * losses.masked_token_sum(kl, mask, normalizer)
-                stats["kl_ref_sum"] = (kl.detach() * mask).sum().double()
-            stats["entropy_sum"] = (entropy.detach() * mask).sum().double()
-            return loss, stats
-
-        for _ in range(alg.policy_updates_per_step):
-            for stats in policy.forward_backward(micro, policy_loss, temperature=ro.temperature, return_entropy=True):
-                for k, v in stats.items():
-                    policy_stats[k] = max(policy_stats[k], v) if k == "ratio_max" else policy_stats[k] + v
-            policy.step()
-        times["policy_update"] = time.perf_counter() - t
-
-        # ---- 6. critic updates: one pass over the step's samples in `critic_updates_per_step` shuffled
-        #         mini-batches, an optimizer step each (ORZ's critic_update_steps)
-        t = time.perf_counter()
-        critic_stats = defaultdict(float)
-        if critic is not None:
-            order = minibatch_split(len(batch.samples), alg.critic_updates_per_step,
-                                    seed=cfg.seed * 1_000_003 + step * 1009 + policy.dp_rank)
-            for samples in order:
-                mb_groups = token_budget_batches([lengths[i] for i in samples], alg.max_tokens_per_microbatch)
-                mb_groups = [[samples[i] for i in g] for g in mb_groups]
-                mb_groups += [[] for _ in range(max(1, int(dist.all_reduce_max(len(mb_groups)))) - len(mb_groups))]
-                mb_micro = [make_micro_batch(collator, batch, g) for g in mb_groups]
-                mb_tokens = dist.all_reduce_sum([float(sum(batch.response_len[i] for i in samples))])[0]
-                mb_normalizer = mb_tokens / policy.model_parallel_size / critic.loss_scale_for_mean()
-
-                def critic_loss(j, v, mb_groups=mb_groups, mb_micro=mb_micro, mb_normalizer=mb_normalizer):
-                    g, mb = mb_groups[j], mb_micro[j]
-                    mask = (mb.targets != IGNORE_INDEX).float()
-                    old_v = scatter_to_positions([batch.values[i] for i in g], mb.targets)
-                    ret = scatter_to_positions([batch.returns[i] for i in g], mb.targets)
-                    return losses.value_loss(v, old_v, ret, mask, alg.value_clip, normalizer=mb_normalizer)
-
-                for stats in critic.forward_backward(mb_micro, critic_loss):
-                    for k, v in stats.items():
-                        critic_stats[k] += v
-                critic.step()
-        times["critic_update"] = time.perf_counter() - t
-
-        # ---- 7. the new policy's weights to the rollout engine
-        t = time.perf_counter()
-        rollout.load_weights(policy.iter_full_params())
-        times["sync"] = time.perf_counter() - t
-
-        # ---- 8. metrics (sums all-reduced; per-source accuracy gathered)
-        step += 1
-        step_tokens = sum(lengths)
-        values = step_metrics(batch, policy_stats, critic_stats, policy.model_parallel_size, critic is not None)
-        tokens_seen += int(values.pop("_tokens"))
-        seconds = time.perf_counter() - t_step
-        values.update({f"time/{k}": v for k, v in times.items()})
-        values.update({"time/step": seconds, "tokens_per_second": dist.all_reduce_sum([step_tokens])[0]
-                       / policy.model_parallel_size / seconds, "lr": policy.lr(), "grad_norm": policy.grad_norm(),
-                       "max_response_len": params.max_new_tokens, **report.as_metrics()})
-        if critic is not None:
-            values.update({"critic/lr": critic.lr(), "critic/grad_norm": critic.grad_norm()})
-        metrics.log(step, values)
-
-        # ---- 9. checkpoint / stop
-        status = end_of_step(step, total_steps, cfg.checkpoint.every_steps, stop, save, log)
-        if status:
-            break
-    if status == "completed":
-        save()
-    reward_pool.close()
-    metrics.close()
-    dist.barrier()
-    return {"status": status or "completed", "step": step, "total_steps": total_steps}
+def make_micro_batch(collator: Collator, batch: RolloutBatch, group: list[int]):
+    if not group:  # padding micro-batch: one token, no loss (keeps collectives in step across ranks)
+        empty = TokenizedSample([batch.samples[0].tokens.input_ids[0]], [], [], [], "<padding>")
+        return collator([empty]).to(dist.device())
+    return collator([batch.samples[i].tokens for i in group], group).to(dist.device())
 
 
 SAMPLES_PER_STEP_LOGGED = 4
 
 
-def log_samples(out_dir: str, step: int, prompts, completions, results, n: int) -> None:
-    import json
-
+def log_samples(out_dir: str, step: int, prompts: list, batch: RolloutBatch) -> None:
     with open(os.path.join(out_dir, "samples.jsonl"), "a") as f:
-        for k in range(min(SAMPLES_PER_STEP_LOGGED, len(results))):
-            p, c, r = prompts[k // n], completions[k // n][k % n], results[k]
-            f.write(json.dumps({"step": step, "id": p.id, "answer": p.answer, "response": c.text,
-                                "finish_reason": c.finish_reason, "score": r.score, "reason": r.reason}) + "\n")
+        for s in batch.samples[:SAMPLES_PER_STEP_LOGGED]:
+            p = prompts[s.prompt]
+            f.write(json.dumps({"step": step, "id": p.id, "answer": p.answer, "response": s.text,
+                                "finish_reason": s.finish_reason, "score": s.reward, "reason": s.reason}) + "\n")
 
 
-def build_rollout_engine(cfg: RLConfig, processor, info):
-    if cfg.rollout.engine == "vllm":
-        from ovr_hpc.rollout.vllm import VLLMRolloutEngine
-
-        return VLLMRolloutEngine.from_config(cfg, processor, info)
-    from ovr_hpc.rollout.hf import HFRolloutEngine
-
-    model = load_vlm(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device())
-    model.config.use_cache = True  # the trainer's copies turn the cache off; generation wants it
-    return HFRolloutEngine(model, processor, cfg.data.min_pixels, cfg.data.max_pixels, cfg.rollout.batch_size)
-
-
-def make_micro_batch(collator: Collator, batch: Rollouts, group: list[int]):
-    if not group:  # padding micro-batch: one token, no loss (keeps collectives in step across ranks)
-        empty = TokenizedSample([batch.samples[0].input_ids[0]], [], [], [], "<padding>")
-        return collator([empty]).to(dist.device())
-    return collator([batch.samples[i] for i in group], group).to(dist.device())
-
-
-def step_metrics(batch: Rollouts, policy_stats: dict, critic_stats: dict, replica_ranks: int, has_critic: bool) -> dict:
-    """Global metrics of the step: every rank contributes sums; the `replica_ranks` ranks that share one
-    data shard (tensor / pipeline parallelism) are divided out."""
-    n = len(batch.rewards)
-    lengths = torch.tensor(batch.response_len, dtype=torch.float64)
-    gap = [(a - b).abs() for a, b in zip(batch.vllm_logprobs, batch.old_logprobs) if a.numel() == b.numel()]
+def step_metrics(batch: RolloutBatch, policy_stats: dict, critic_stats: dict, policy, has_critic: bool) -> dict:
+    """Global metrics of the step: every rank contributes sums, summed over the data-parallel replicas."""
+    samples = batch.samples
+    n = len(samples)
+    lengths = torch.tensor(batch.column("response_len"), dtype=torch.float64)
+    gap = [(s.rollout_logprobs - s.old_logprobs).abs() for s in samples
+           if s.rollout_logprobs.numel() == s.old_logprobs.numel()]
     gap_all = torch.cat(gap) if gap else torch.zeros(0)
     local = {
-        "n": n, "reward_sum": sum(batch.rewards), "correct_sum": sum(r == "correct" for r in batch.reasons),
-        "length_sum": float(lengths.sum()), "truncated_sum": sum(not f for f in batch.finished),
+        "n": n, "reward_sum": sum(s.reward for s in samples), "correct_sum": sum(s.reason == "correct" for s in samples),
+        "length_sum": float(lengths.sum()), "truncated_sum": sum(not s.finished for s in samples),
         "gap_sum": float(gap_all.sum()), "gap_n": gap_all.numel(),
-        "_tokens": float(sum(len(s.input_ids) for s in batch.samples)),
+        "_tokens": float(sum(len(s.tokens.input_ids) for s in samples)),
         **{f"p_{k}": v for k, v in policy_stats.items() if k != "ratio_max"},
         **{f"c_{k}": v for k, v in critic_stats.items()},
     }
     keys = sorted(local)
-    reduced = dict(zip(keys, (x / replica_ranks for x in dist.all_reduce_sum([float(local[k]) for k in keys]))))
-    length_max = dist.all_reduce_max(float(lengths.max()) if n else 0.0)
-    gap_max = dist.all_reduce_max(float(gap_all.max()) if gap_all.numel() else 0.0)
-    ratio_max = dist.all_reduce_max(policy_stats.get("ratio_max", 0.0))
+    reduced = dict(zip(keys, policy.dp_sum([float(local[k]) for k in keys])))
     out = {
         "reward": reduced["reward_sum"] / reduced["n"],
         "accuracy": reduced["correct_sum"] / reduced["n"],
         "response_length": reduced["length_sum"] / reduced["n"],
-        "response_length_max": length_max,
+        "response_length_max": dist.all_reduce_max(float(lengths.max()) if n else 0.0),
         "truncation_rate": reduced["truncated_sum"] / reduced["n"],
         "rollout_logprob_gap_mean": reduced["gap_sum"] / max(1.0, reduced["gap_n"]),
-        "rollout_logprob_gap_max": gap_max,
-        "policy/ratio_max": ratio_max,
+        "rollout_logprob_gap_max": dist.all_reduce_max(float(gap_all.max()) if gap_all.numel() else 0.0),
+        "policy/ratio_max": dist.all_reduce_max(policy_stats.get("ratio_max", 0.0)),
         "_tokens": reduced["_tokens"],
     }
     policy_reduced = {k[2:]: torch.tensor(v) for k, v in reduced.items() if k.startswith("p_")}
@@ -416,22 +486,23 @@ def step_metrics(batch: Rollouts, policy_stats: dict, critic_stats: dict, replic
     if has_critic:
         critic_reduced = {k[2:]: torch.tensor(v) for k, v in reduced.items() if k.startswith("c_")}
         out.update({f"critic/{k}": v for k, v in losses.finalize_stats(critic_reduced).items() if k != "num_tokens"})
-        values = torch.cat(batch.values) if batch.values else torch.zeros(0)
-        returns = torch.cat(batch.returns) if batch.returns else torch.zeros(0)
+        values, returns = torch.cat(batch.column("values")), torch.cat(batch.column("returns"))
         ev = losses.explained_variance(values[None], returns[None], torch.ones_like(values)[None])
         out["critic/explained_variance"] = float(ev)
-    per_source = defaultdict(lambda: [0.0, 0])
-    for src, r in zip(batch.sources, batch.reasons):
-        per_source[src][0] += r == "correct"
-        per_source[src][1] += 1
-    gathered = [dict(per_source)]
-    if torch.distributed.is_initialized():
-        gathered = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, dict(per_source))
-    merged = defaultdict(lambda: [0.0, 0])
-    for d in gathered:
-        for src, (c, m) in d.items():
-            merged[src][0] += c / replica_ranks
-            merged[src][1] += m / replica_ranks
-    out.update({f"accuracy/{src}": c / m for src, (c, m) in merged.items() if m})
+    out.update(per_source_accuracy(samples, policy))
     return out
+
+
+def per_source_accuracy(samples: list[RolloutSample], policy) -> dict:
+    """accuracy/<source> over the global batch (sources differ between ranks: their names are gathered)."""
+    local = defaultdict(lambda: [0.0, 0.0])
+    for s in samples:
+        local[s.source][0] += s.reason == "correct"
+        local[s.source][1] += 1
+    names = [sorted(local)]
+    if torch.distributed.is_initialized():
+        names = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(names, sorted(local))
+    sources = sorted({src for ranks in names for src in ranks})
+    sums = policy.dp_sum([x for src in sources for x in local.get(src, (0.0, 0.0))])
+    return {f"accuracy/{src}": sums[2 * k] / sums[2 * k + 1] for k, src in enumerate(sources) if sums[2 * k + 1]}

@@ -49,3 +49,10 @@ class RolloutEngine(Protocol):
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Serve these (Hugging Face-named, full) weights from now on."""
+
+    def sleep(self) -> None:
+        """Free what generation holds (vLLM sleep mode: weights and KV cache) while the trainer updates or
+        saves; the next load_weights / generate wakes it. A no-op for engines that hold nothing extra."""
+
+    def close(self) -> None:
+        """Release the engine for good (processes, memory)."""

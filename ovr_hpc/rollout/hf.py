@@ -104,6 +104,12 @@ class HFRolloutEngine:
             yield indices[p], Completion(indices[p], prompt_ids, ids, text, finish,
                                          token_logprobs[row, :len(ids)].tolist())
 
+    def sleep(self) -> None:
+        """Nothing to free: the model stays in memory between steps."""
+
+    def close(self) -> None:
+        self.model = None
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         state = dict(named_tensors)
         missing, unexpected = self.model.load_state_dict(state, strict=False)

@@ -8,36 +8,20 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import time
 
-import numpy as np
-import torch
-
-from ovr_hpc import dist, preflight
-from ovr_hpc.checkpoint import end_of_step, load_checkpoint, save_checkpoint
-from ovr_hpc.config import ColdStartConfig, dump_config, to_dict
+from ovr_hpc import stage as stages
+from ovr_hpc.config import ColdStartConfig, to_dict
 from ovr_hpc.data.dataset import Collator, build_rows, prepare_sft_dataset, rows_at
 from ovr_hpc.engines.base import build_engine
 from ovr_hpc.metrics import MetricsLogger
 from ovr_hpc.models.loading import load_processor
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def train(cfg: ColdStartConfig) -> dict:
-    # ---- where we are, and the stop flag (set by SIGUSR1/SIGUSR2/SIGTERM, read at step boundaries)
-    info = dist.init_distributed()
-    checks = preflight.at_start(cfg, info.world_size)   # every pre-run check, on this machine (ovr_hpc/preflight.py)
-    stop = dist.StopRequest().install()
-    seed_everything(cfg.seed)
-    out_dir = cfg.checkpoint.output_dir
-    os.makedirs(out_dir, exist_ok=True)
-    log = print if info.is_main else (lambda *a, **k: None)
+    # ---- where we are: ranks, every pre-run check, the stop flag, seeds (ovr_hpc/stage.py)
+    stage = stages.start(cfg, cfg.checkpoint.output_dir)
+    info, log, out_dir = stage.info, stage.log, stage.out_dir
 
     # ---- data: tokenized once (split over ranks, cached), packed into rows, same on every rank
     processor = load_processor(cfg.model.path, cfg.data.min_pixels, cfg.data.max_pixels)
@@ -61,19 +45,14 @@ def train(cfg: ColdStartConfig) -> dict:
     rows_per_rank = global_batch // engine.dp_size
 
     # ---- resume
-    step, tokens_seen = 0, 0
-    resume_from = checks.resume_from
-    if resume_from:
-        state = load_checkpoint({"policy": engine}, resume_from)
-        step, tokens_seen = state["step"], state["tokens_seen"]
-        log(f"resumed from {resume_from} at step {step}")
+    engines = {"policy": engine}
+    state = stage.resume(engines)
+    step, tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
     metrics = MetricsLogger(out_dir, info.is_main, cfg.logging, total_steps, resume_step=step,
                             run_config=to_dict(cfg))
 
     def save() -> None:
-        save_checkpoint({"policy": engine}, out_dir, step, {"step": step, "tokens_seen": tokens_seen, "rows_consumed":
-                        step * global_batch}, dump_config(cfg), cfg.model.path, cfg.checkpoint.keep_last,
-                        cfg.checkpoint.save_hf_weights)
+        stage.save(engines, {"step": step, "tokens_seen": tokens_seen, "rows_consumed": step * global_batch})
 
     # ---- the loop
     status: str | None = None  # stays None when a resumed run had already finished
@@ -88,8 +67,7 @@ def train(cfg: ColdStartConfig) -> dict:
         # token-mean over the whole global batch: every rank needs the global loss-token count up front
         local_tokens = sum(mb.num_loss_tokens for mb in micro_batches)
         local_real = sum(mb.num_tokens for mb in micro_batches)
-        global_loss_tokens, global_real = (x / engine.model_parallel_size
-                                           for x in dist.all_reduce_sum([local_tokens, local_real]))
+        global_loss_tokens, global_real = engine.dp_sum([local_tokens, local_real])
 
         def token_mean_loss(j, output):
             token_loss_sum = -output[0].sum()
@@ -97,12 +75,12 @@ def train(cfg: ColdStartConfig) -> dict:
 
         stats = engine.forward_backward(micro_batches, token_mean_loss)
         engine.step()
-        (loss_sum,) = dist.all_reduce_sum([sum(s["loss_sum"] for s in stats)])
+        (loss_sum,) = engine.dp_sum([sum(s["loss_sum"] for s in stats)])
         step += 1
         tokens_seen += int(global_real)
         seconds = time.perf_counter() - t0
         metrics.log(step, {
-            "loss": loss_sum / engine.model_parallel_size / global_loss_tokens,
+            "loss": loss_sum / global_loss_tokens,
             "lr": engine.lr(),
             "grad_norm": engine.grad_norm(),
             "tokens_per_second": global_real / seconds,
@@ -111,11 +89,9 @@ def train(cfg: ColdStartConfig) -> dict:
             "step_seconds": seconds,
             **dataset.report.as_metrics(),
         })
-        status = end_of_step(step, total_steps, cfg.checkpoint.every_steps, stop, save, log)
+        status = stage.end_of_step(step, total_steps, save)
         if status:
             break
-    if status == "completed":
-        save()
+    result = stage.finish(status, step, total_steps, save)
     metrics.close()
-    dist.barrier()
-    return {"status": status or "completed", "step": step, "total_steps": total_steps}
+    return result

@@ -312,6 +312,11 @@ class MegatronEngine:
         """Gradients are averaged over data-parallel ranks (as DeepSpeed does)."""
         return float(self.dp_size)
 
+    def dp_sum(self, values: list[float]) -> list[float]:
+        """Sums over the data-parallel replicas (every rank gets them): a world all-reduce with the ranks
+        of one replica, which hold the same data, counted once."""
+        return [x / self.model_parallel_size for x in dist.all_reduce_sum(values)]
+
     # ------------------------------------------------------------------ checkpoints
     # (distributed checkpoints: they load under any TP x PP x DP layout)
 
