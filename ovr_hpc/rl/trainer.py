@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ovr_hpc import dist, stage as stages
+from ovr_hpc.buckets import token_budget_batches
 from ovr_hpc.checkpoint import preempted
 from ovr_hpc.config import RLConfig, to_dict
 from ovr_hpc.data.dataset import IGNORE_INDEX, Collator, rows_at
@@ -369,20 +370,6 @@ def build_rollout_engine(cfg: RLConfig, processor, info):
     model = load_vlm(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device())
     model.config.use_cache = True  # the trainer's copies turn the cache off; generation wants it
     return HFRolloutEngine(model, processor, cfg.data.min_pixels, cfg.data.max_pixels, cfg.rollout.batch_size)
-
-
-def token_budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
-    """Consecutive sequences into micro-batches of at most `budget` tokens (a longer one goes alone)."""
-    batches, current, used = [], [], 0
-    for i, n in enumerate(lengths):
-        if current and used + n > budget:
-            batches.append(current)
-            current, used = [], 0
-        current.append(i)
-        used += n
-    if current:
-        batches.append(current)
-    return batches
 
 
 def minibatch_split(n: int, parts: int, seed: int) -> list[list[int]]:
