@@ -10,6 +10,9 @@ VLLM_VENV ?= .venv-vllm
 # torch and torchvision must be a matching pair (qwen-vl-utils imports torchvision); CPU machines here
 # carry these two wheels locally. On a GPU cluster: make TORCH="torch==2.11.* torchvision==0.26.*" ...
 TORCH ?= torch==2.14.1 torchvision==0.29.1
+# every package at the version CI ran (scripts/freeze-constraints.sh), so the demo's numbers reproduce;
+# CONSTRAINTS= installs within setup.py's ranges instead (e.g. with another TORCH pair)
+CONSTRAINTS ?= -c constraints.txt
 # DeepSpeed builds its ops just in time: nothing to compile at install. Each venv builds them in its own
 # folder: torch 2.14 leaves a `lock` file there (it locks with flock) on which torch 2.13 (the vLLM venv)
 # waits forever, and a rebuild by one venv under processes of the other can crash them.
@@ -19,13 +22,13 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: demo test test-vllm eval install install-test slurm-up slurm-down bench clean
 
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet $(TORCH) -e .
+	$(PIP) install --quiet $(CONSTRAINTS) $(TORCH) -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed Makefile
-	$(PIP) install --quiet -e ".[test,megatron]"
+	$(PIP) install --quiet $(CONSTRAINTS) -e ".[test,megatron]"
 	touch $@
 
 install: $(VENV)/.installed

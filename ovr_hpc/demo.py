@@ -15,6 +15,7 @@ import json
 import os
 import time
 
+from ovr_hpc.data.synthetic import COLORS
 from ovr_hpc.eval.plots import plot_series
 
 DEMO_MODEL = dict(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384)
@@ -83,75 +84,96 @@ def train_and_export(stage: str, model_dir: str, train_file: str, run_dir: str, 
     return seconds
 
 
-def run_coldstart(out: str, nprocs: int) -> dict:
-    from ovr_hpc.data.synthetic import write_arithmetic_rl, write_coldstart_sft
+def evaluate(out: str, model_dir: str, heldout: dict[str, str], stage: str, outcomes: dict) -> None:
+    """Greedy held-out outcomes of one model on every task: accuracy, per-class accuracy and the answer
+    distribution (outcomes[task][stage]), printed as one line per task."""
+    from ovr_hpc.eval.outcomes import answer_breakdown, format_breakdown
+
+    for task, data_file in heldout.items():
+        _, samples = heldout_accuracy(model_dir, data_file)
+        with open(os.path.join(out, f"{stage}_{task}_heldout.jsonl"), "w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+        outcomes.setdefault(task, {})[stage] = answer_breakdown(samples)
+        print(f"[demo] {format_breakdown(f'{task} held-out, {stage}', outcomes[task][stage])}")
+
+
+def run_coldstart(out: str, model_dir: str, nprocs: int, seed: int) -> dict:
+    from ovr_hpc.data.synthetic import write_coldstart_sft
     from ovr_hpc.metrics import read_metrics
-    from ovr_hpc.models.tiny import build_tiny_model
 
-    os.makedirs(os.path.join(out, "data"), exist_ok=True)
-    model_dir = os.path.join(out, "tiny_model")
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        build_tiny_model(model_dir, seed=0, **DEMO_MODEL)
-    train_file = write_coldstart_sft(os.path.join(out, "data", "coldstart.jsonl"), NUM_TRAIN, seed=0, captions=True)
-    heldout = write_arithmetic_rl(os.path.join(out, "data", "heldout_arithmetic.jsonl"), NUM_HELDOUT, seed=12345)
-
-    before, _ = heldout_accuracy(model_dir, heldout)
-    print(f"[demo] held-out accuracy before the cold start: {before:.3f}")
-
+    train_file = write_coldstart_sft(os.path.join(out, "data", "coldstart.jsonl"), NUM_TRAIN, seed=seed, captions=True)
     run_dir = os.path.join(out, "coldstart")
     exported = os.path.join(out, "coldstart_model")
     seconds = train_and_export("coldstart", model_dir, train_file, run_dir, exported, nprocs,
-                               ["schedule.epochs=4", "parallel.global_batch_size=8"])
-    after, samples = heldout_accuracy(exported, heldout)
-    print(f"[demo] held-out accuracy after the cold start: {after:.3f} ({seconds:.0f} s of training)")
-    with open(os.path.join(out, "coldstart_heldout.jsonl"), "w") as f:
-        f.writelines(json.dumps(s) + "\n" for s in samples)
+                               [f"seed={seed}", "schedule.epochs=4", "parallel.global_batch_size=8"])
+    print(f"[demo] cold start: {seconds:.0f} s of training")
     metrics = read_metrics(run_dir)
     plot_series({"cold start": ([m["step"] for m in metrics], [m["loss"] for m in metrics])},
                 "loss (per assistant token)", "Linguistic cold start (tiny model)",
                 os.path.join(out, "coldstart_loss.png"))
-    return {"heldout_accuracy_before": before, "heldout_accuracy_after": after, "steps": metrics[-1]["step"],
-            "seconds": round(seconds, 1), "final_loss": metrics[-1]["loss"], "model": exported}
+    return {"steps": metrics[-1]["step"], "seconds": round(seconds, 1), "final_loss": metrics[-1]["loss"],
+            "model": exported}
 
 
-def run_rl(out: str, policy_dir: str, nprocs: int) -> dict:
+def run_rl(out: str, policy_dir: str, nprocs: int, seed: int) -> dict:
     from ovr_hpc.data.synthetic import write_color_rl
     from ovr_hpc.metrics import read_metrics
 
-    train_file = write_color_rl(os.path.join(out, "data", "rl_color.jsonl"), 512, seed=2)
-    heldout = write_color_rl(os.path.join(out, "data", "heldout_color.jsonl"), 96, seed=54321)
-    before, _ = heldout_accuracy(policy_dir, heldout)
-    print(f"[demo] held-out reward before RL: {before:.3f}")
+    train_file = write_color_rl(os.path.join(out, "data", "rl_color.jsonl"), 512, seed=2 + 1000 * seed)
     run_dir = os.path.join(out, "rl")
     exported = os.path.join(out, "rl_model")
     seconds = train_and_export("rl", policy_dir, train_file, run_dir, exported, nprocs,
-                               [f"schedule.max_steps={RL_STEPS}"])
-    after, samples = heldout_accuracy(exported, heldout)
-    print(f"[demo] held-out reward after RL: {after:.3f} ({seconds:.0f} s of RL)")
-    with open(os.path.join(out, "rl_heldout.jsonl"), "w") as f:
-        f.writelines(json.dumps(s) + "\n" for s in samples)
+                               [f"seed={seed}", f"schedule.max_steps={RL_STEPS}"])
+    print(f"[demo] RL: {seconds:.0f} s")
     metrics = read_metrics(run_dir)
     steps = [m["step"] for m in metrics]
     plot_series({"RL": (steps, [m["reward"] for m in metrics])}, "mean reward (training rollouts)",
                 "Multimodal RL (tiny model)", os.path.join(out, "rl_reward.png"))
     plot_series({"RL": (steps, [m["response_length"] for m in metrics])}, "mean response length (tokens)",
                 "Multimodal RL (tiny model)", os.path.join(out, "rl_response_length.png"))
-    return {"reward_start": before, "reward_end": after, "steps": steps[-1], "seconds": round(seconds, 1),
-            "train_reward_first": metrics[0]["reward"], "train_reward_last": metrics[-1]["reward"],
-            "model": exported}
+    return {"steps": steps[-1], "seconds": round(seconds, 1), "train_reward_first": metrics[0]["reward"],
+            "train_reward_last": metrics[-1]["reward"], "model": exported}
 
 
-def run_demo(out: str = "runs/demo", nprocs: int = 2) -> dict:
+def run_demo(out: str = "runs/demo", nprocs: int = 2, seed: int = 0) -> dict:
+    """The whole pipeline from `seed` (model init, data, both stages' seeds); held-out sets depend on it too."""
+    from ovr_hpc.data.synthetic import write_arithmetic_rl, write_color_rl
+    from ovr_hpc.eval.plots import plot_outcomes, plot_runs
+    from ovr_hpc.models.tiny import build_tiny_model
+
     out = os.path.abspath(out)
-    os.makedirs(out, exist_ok=True)
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
     t0 = time.time()
-    report = {"coldstart": run_coldstart(out, nprocs)}
-    report["rl"] = run_rl(out, report["coldstart"]["model"], nprocs)
+    model_dir = os.path.join(out, "tiny_model")
+    build_tiny_model(model_dir, seed=seed, **DEMO_MODEL)
+    heldout = {"arithmetic": write_arithmetic_rl(os.path.join(out, "data", "heldout_arithmetic.jsonl"), NUM_HELDOUT,
+                                                 seed=12345 + 1000 * seed),
+               "color": write_color_rl(os.path.join(out, "data", "heldout_color.jsonl"), 96, seed=54321 + 1000 * seed)}
+    outcomes: dict = {}
+    evaluate(out, model_dir, heldout, "initial", outcomes)
+    report = {"seed": seed, "coldstart": run_coldstart(out, model_dir, nprocs, seed)}
+    evaluate(out, report["coldstart"]["model"], heldout, "coldstart", outcomes)
+    report["rl"] = run_rl(out, report["coldstart"]["model"], nprocs, seed)
+    evaluate(out, report["rl"]["model"], heldout, "rl", outcomes)
+    report["outcomes"] = outcomes
     report["seconds_total"] = round(time.time() - t0, 1)
-    from ovr_hpc.eval.plots import plot_runs
-
     report["plots"] = plot_runs([os.path.join(out, "coldstart"), os.path.join(out, "rl")], os.path.join(out, "plots"))
+    report["plots"]["outcomes"] = plot_outcomes(
+        {stage: outcomes["color"][stage] for stage in ("coldstart", "rl")}, sorted(COLORS),
+        "Picture-only colour question, held out: before and after RL", os.path.join(out, "outcomes.png"))
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
+    print(summary(report))
     print(f"[demo] wrote {out}/report.json")
     return report
+
+
+def summary(report: dict) -> str:
+    """The demo's result at a glance: accuracy, per-class accuracy and the most common answer per stage."""
+    lines = [f"[demo] summary (seed {report['seed']}, {report['seconds_total']:.0f} s)"]
+    for task, stages in report["outcomes"].items():
+        for stage, b in stages.items():
+            per_class = " ".join(f"{c}={a:.2f}" for c, a in list(b["per_class"].items())[:4]) if task == "color" else ""
+            lines.append(f"  {task:<10} {stage:<9} accuracy {b['accuracy']:.3f}  top answer {b['top_answer']!s:>8} "
+                         f"{b['top_answer_share']:4.0%}  {per_class}")
+    return "\n".join(lines)

@@ -2,10 +2,11 @@
 messages; RL: problem/answer):
 - arithmetic word problems with a short chain of thought and a boxed answer (text);
 - a colour question about a shape drawn with PIL (multimodal): the RL prompt shows only the image, so
-  the model must read it. The cold start never asks it about a picture: it sees the question with the
-  colour named in the text (the answer format), and pictures only with plain captions ("A red
-  square."), the tiny model's stand-in for the visual pretraining a real Qwen2.5-VL brings. RL has to
-  join the two.
+  the model must read it. The cold start sees pictures with plain captions ("A red square."), the tiny
+  model's stand-in for the visual pretraining a real Qwen2.5-VL brings, and the RL question about a
+  picture answered in the right format with the right shape but a uniformly guessed colour: it leaves a
+  model that answers in the format with every colour about equally often, right a quarter of the time.
+  RL has to join the two: reward is the only thing that says which colour a picture shows.
 """
 
 from __future__ import annotations
@@ -66,16 +67,25 @@ def _user(text: str) -> str:
 
 
 def sft_record(rng: random.Random, i: int, image_dir: str | None = None) -> dict:
-    """Arithmetic (75%), the colour question with the colour named in the text (12.5%), or, with an
-    image_dir, a picture with a plain caption (12.5%; else arithmetic)."""
+    """With an image_dir: a picture with a plain caption (20%), the RL colour question about a picture
+    answered with a guessed colour (15%), else arithmetic; without one: the colour question with the colour
+    named in the text (25%), else arithmetic."""
     u = rng.random()
-    if u < 0.125 and image_dir is not None:
+    if u < 0.35 and image_dir is not None:
         color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
         name = f"caption-{i}.png"
         draw_shape(os.path.join(image_dir, name), color, shape, rng)
-        return {"id": f"synthetic_caption-{i}", "source": "synthetic_caption", "images": [f"images/{name}"],
-                "messages": [{"role": "user", "content": "<image>Describe the picture."},
-                             {"role": "assistant", "content": f"A {color} {shape}."}]}
+        if u < 0.20:
+            return {"id": f"synthetic_caption-{i}", "source": "synthetic_caption", "images": [f"images/{name}"],
+                    "messages": [{"role": "user", "content": "<image>Describe the picture."},
+                                 {"role": "assistant", "content": f"The {shape} is {color}."}]}
+        # the answer format on the RL question, with the shape read from the picture and the colour a uniform
+        # guess: the cold start teaches how to answer, never which colour a picture shows (RL must learn that)
+        guess = rng.choice(sorted(COLORS))
+        answer = f"<think>The {shape} is {guess}.</think> The answer is \\boxed{{{guess}}}."
+        return {"id": f"synthetic_color_guess-{i}", "source": "synthetic_color_guess", "images": [f"images/{name}"],
+                "messages": [{"role": "user", "content": _user(f"<image>{COLOR_QUESTION}")},
+                             {"role": "assistant", "content": answer}]}
     if u < 0.25:
         ans, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
         q = f"The {shape} in the picture is {ans}. {COLOR_QUESTION}"

@@ -251,3 +251,32 @@ def plot_runs(run_dirs: list[str], out_dir: str, smooth: float = 0.0, extra_metr
     for p in written:
         log(f"[plot] wrote {p}")
     return written
+
+
+def plot_outcomes(stages: dict[str, dict], classes: list[str], title: str, path: str) -> str:
+    """Per-class accuracy and the answer distribution at each stage (stage -> answer_breakdown), side by
+    side: a policy collapsed onto one answer shows as one tall bar on the right and near-zero classes on
+    the left."""
+    plt = _plt()
+    fig, (acc_ax, dist_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / max(1, len(stages))
+    answers = classes + ["(other)"]
+    for k, (stage, b) in enumerate(stages.items()):
+        xs = [i + (k - (len(stages) - 1) / 2) * width for i in range(len(answers))]
+        acc_ax.bar(xs[:-1], [100 * b["per_class"].get(c, 0.0) for c in classes], width, label=stage)
+        shares = [b["answers"].get(c, 0.0) for c in classes]
+        dist_ax.bar(xs, [100 * s for s in shares + [max(0.0, 1 - sum(shares))]], width, label=stage)
+    acc_ax.set_xticks(range(len(classes)), classes)
+    acc_ax.set_ylabel("held-out accuracy per reference (%)")
+    acc_ax.set_ylim(0, 100)
+    dist_ax.set_xticks(range(len(answers)), answers)
+    dist_ax.set_ylabel("share of held-out answers (%)")
+    dist_ax.set_ylim(0, 100)
+    for ax in (acc_ax, dist_ax):
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
