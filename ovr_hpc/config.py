@@ -66,10 +66,15 @@ class DataConfig:
     cache_dir: Optional[str] = None
     """Where tokenized data and images embedded in Parquet records are kept (default OUTPUT_DIR/data_cache);
     shared by requeued runs."""
+    source_weights: dict = field(default_factory=dict)
+    """{source: weight} over the records' `source` field (1 for sources not named, 0 removes one): with weights,
+    samples are packed per source and each row of source s is drawn w times per epoch in expectation
+    (ovr_hpc/data/weights.py); metrics count samples/<source> per step."""
 
     def validate(self, prefix: str) -> None:
         _validate_data_files(prefix, self)
         _positive(prefix, "max_seq_len", self.max_seq_len)
+        validate_source_weights(f"{prefix}.source_weights", self.source_weights)
 
 
 @dataclass
@@ -275,6 +280,20 @@ def validate_rollout_engine(prefix: str, engine: str) -> None:
         )
 
 
+def validate_source_weights(key: str, weights: dict) -> None:
+    """data.source_weights: source names to finite weights >= 0, not all 0 (which sources the records have
+    is checked where they are read: ovr_hpc.data.weights.source_plan)."""
+    import math
+
+    for source, weight in weights.items():
+        if not isinstance(source, str) or not source:
+            raise ConfigError(f"{key}: source {source!r} must be a non-empty string (a records' 'source' value)")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise ConfigError(f"{key}.{source} = {weight!r}: expected a number >= 0")
+        if weight < 0:
+            raise ConfigError(f"{key}.{source} = {weight!r}: a weight must be >= 0 (0 removes the source)")
+
+
 def _validate_sections(config) -> None:
     """Every section's own checks (the config alone: what it says about files, models and the world is
     `ovr_hpc.preflight`'s)."""
@@ -351,10 +370,15 @@ class RLDataConfig:
     cache_dir: Optional[str] = None
     """Where the checked prompts and images embedded in Parquet records are kept (default
     OUTPUT_DIR/data_cache); shared by requeued runs."""
+    source_weights: dict = field(default_factory=dict)
+    """{source: weight} over the records' `source` field (1 for sources not named, 0 removes one): each prompt
+    of source s is drawn w times per epoch in expectation (ovr_hpc/data/weights.py); metrics count
+    prompts/<source> per step."""
 
     def validate(self, prefix: str) -> None:
         _validate_data_files(prefix, self)
         _positive(prefix, "max_prompt_len", self.max_prompt_len)
+        validate_source_weights(f"{prefix}.source_weights", self.source_weights)
 
 
 @dataclass

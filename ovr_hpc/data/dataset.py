@@ -30,14 +30,18 @@ IGNORE_INDEX = -100
 # ----------------------------------------------------------------------------- preparation
 
 
-def _cache_key(cfg, processor, model_path: str) -> str:
+def _cache_key(cfg, processor, model_path: str, record_meta: bool = False) -> str:
     tok = processor.tokenizer if hasattr(processor, "tokenizer") else processor
+    # caches written before samples kept their record's source and index lack them: a run that needs them
+    # (source weights, loss scores) gets a cache of its own, the others keep theirs
+    extra = ["record-meta"] if record_meta else []
     return cache_key(cfg.train_files, [
         CACHE_VERSION, os.path.abspath(model_path), len(tok), tok.name_or_path, cfg.max_seq_len, cfg.overlong,
-        cfg.min_pixels, cfg.max_pixels, cfg.system_prompt, getattr(processor, "chat_template", None) or ""])
+        cfg.min_pixels, cfg.max_pixels, cfg.system_prompt, getattr(processor, "chat_template", None) or ""] + extra)
 
 
-def tokenize_records(records, processor, cfg, report: DataReport) -> list[TokenizedSample]:
+def tokenize_records(records, processor, cfg, report: DataReport, origins: list | None = None) -> list[TokenizedSample]:
+    """Tokenized samples of the usable records; `origins` (when given) gets (source, record index) per sample."""
     tokenizer = processor.tokenizer if hasattr(processor, "tokenizer") else processor
     pad_id = tokenizer.convert_tokens_to_ids(IMAGE_PAD)
     samples = []
@@ -56,16 +60,20 @@ def tokenize_records(records, processor, cfg, report: DataReport) -> list[Tokeni
             report.num_truncated += 1
             sample = cut
         samples.append(sample)
+        if origins is not None:
+            origins.append((str(rec.data.get("source", "unknown")), rec.index))
     return samples
 
 
-def _save_shard(path: str, samples: list[TokenizedSample], report: DataReport) -> None:
+def _save_shard(path: str, samples: list[TokenizedSample], report: DataReport, origins: list | None = None) -> None:
     tmp = path + ".tmp"
     os.makedirs(tmp, exist_ok=True)
     lengths = np.array([len(s.input_ids) for s in samples], dtype=np.int64)
     np.save(os.path.join(tmp, "tokens.npy"), np.array([t for s in samples for t in s.input_ids], dtype=np.int32))
     np.save(os.path.join(tmp, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     meta = [{"where": s.where, "spans": s.loss_spans, "images": s.images, "image_sizes": s.image_sizes} for s in samples]
+    for m, (source, index) in zip(meta, origins or []):
+        m.update(source=source, index=index)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump({"samples": meta, "report": report.to_json()}, f)
     if os.path.exists(path):  # prepared meanwhile by an identical run: keep theirs
@@ -98,6 +106,10 @@ class SFTDataset:
         self.report = report
         self.lengths = [int(shards[r].offsets[j + 1] - shards[r].offsets[j]) for r, j in self.index]
         self.has_images = any(m["images"] for s in shards for m in s.meta)
+        # each sample's record: its `source` field and its index among the records of the files (caches
+        # prepared without record_meta do not hold them: "unknown" and -1)
+        self.sources = [shards[r].meta[j].get("source", "unknown") for r, j in self.index]
+        self.record_index = [int(shards[r].meta[j].get("index", -1)) for r, j in self.index]
 
     def __len__(self) -> int:
         return len(self.index)
@@ -111,11 +123,14 @@ class SFTDataset:
                                m["where"])
 
 
-def prepare_sft_dataset(cfg, processor, model_path: str, cache_root: str, rank: int = 0, world: int = 1) -> SFTDataset:
-    """Tokenize (split over ranks, cached) and load the dataset. All ranks must call it."""
+def prepare_sft_dataset(cfg, processor, model_path: str, cache_root: str, rank: int = 0, world: int = 1,
+                        record_meta: bool = False) -> SFTDataset:
+    """Tokenize (split over ranks, cached) and load the dataset. All ranks must call it. With `record_meta`
+    (implied by data.source_weights) every sample keeps its record's source and index."""
     from ovr_hpc.dist import barrier
 
-    cache = os.path.join(cache_root, _cache_key(cfg, processor, model_path) + f"_w{world}")
+    record_meta = record_meta or bool(getattr(cfg, "source_weights", None))
+    cache = os.path.join(cache_root, _cache_key(cfg, processor, model_path, record_meta) + f"_w{world}")
     shard_path = os.path.join(cache, f"shard_{rank:05d}")
     if not os.path.exists(os.path.join(shard_path, "meta.json")):
         os.makedirs(cache, exist_ok=True)
@@ -123,8 +138,9 @@ def prepare_sft_dataset(cfg, processor, model_path: str, cache_root: str, rank: 
             cfg.train_files, kind="sft", check_images=True, min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels,
             select=lambda i: i % world == rank, image_dir=os.path.join(cache_root, "images"),
         )
-        samples = tokenize_records(records, processor, cfg, report)
-        _save_shard(shard_path, samples, report)
+        origins: list = []
+        samples = tokenize_records(records, processor, cfg, report, origins)
+        _save_shard(shard_path, samples, report, origins)
     barrier()
     shards, report = [], DataReport()
     for r in range(world):
@@ -139,7 +155,38 @@ def prepare_sft_dataset(cfg, processor, model_path: str, cache_root: str, rank: 
 
 
 def build_rows(dataset: SFTDataset, cfg) -> list[list[int]]:
-    return pack_best_fit(dataset.lengths, cfg.max_seq_len) if cfg.packing else one_per_row(dataset.lengths)
+    """Packed rows of sample ids (best-fit decreasing, or one sample per row).
+
+    With data.source_weights the samples of each source are packed apart, so every row holds one source and
+    weights apply to rows (`row_sources`, `ovr_hpc.data.weights`). Weighting samples before packing instead
+    would either fix which copies share a row for the whole run (duplicates packed once) or need repacking
+    every epoch, which changes the number of rows and with it the position -> row map a resume relies on;
+    weighting mixed rows would weight a row's every source alike. Packing per source costs at most one
+    part-filled row per source."""
+    pack = (lambda lengths: pack_best_fit(lengths, cfg.max_seq_len)) if cfg.packing else one_per_row
+    if not getattr(cfg, "source_weights", None):
+        return pack(dataset.lengths)
+    from ovr_hpc.data.weights import source_plan
+
+    source_plan(dataset.sources, cfg.source_weights)  # names a weighted source the data lacks, before training
+    rows = []
+    for source in sorted(set(dataset.sources)):
+        ids = [i for i, s in enumerate(dataset.sources) if s == source]
+        rows += [[ids[j] for j in row] for row in pack([dataset.lengths[i] for i in ids])]
+    return rows
+
+
+def row_sources(dataset: SFTDataset, rows: list[list[int]]) -> list[str]:
+    """The source of each row (its first sample's: with source weights, rows are packed per source)."""
+    return [dataset.sources[row[0]] if row else "unknown" for row in rows]
+
+
+def samples_per_source(dataset: SFTDataset, rows: list[list[int]], step_rows: list[int]) -> dict[str, int]:
+    """{samples/<source>: samples of that source in the step's rows} (the cold start's per-step metric)."""
+    from collections import Counter
+
+    counts = Counter(dataset.sources[i] for r in step_rows for i in rows[r])
+    return {f"samples/{s}": n for s, n in sorted(counts.items())}
 
 
 # ----------------------------------------------------------------------------- order

@@ -28,8 +28,9 @@ from ovr_hpc import dist, stage as stages
 from ovr_hpc.buckets import token_budget_batches
 from ovr_hpc.checkpoint import preempted
 from ovr_hpc.config import RLConfig, to_dict
-from ovr_hpc.data.dataset import IGNORE_INDEX, Collator, rows_at
+from ovr_hpc.data.dataset import IGNORE_INDEX, Collator
 from ovr_hpc.data.templates import TokenizedSample
+from ovr_hpc.data.weights import source_counts, weighted_rows_at
 from ovr_hpc.engines.base import build_engine
 from ovr_hpc.grading import RewardPool
 from ovr_hpc.metrics import MetricsLogger
@@ -125,6 +126,7 @@ def train(cfg: RLConfig) -> dict:
         tokens_seen += int(values.pop("_tokens"))
         values.update(step_timing(times, t_step, batch, policy), lr=policy.lr(), grad_norm=policy.grad_norm(),
                       max_response_len=params.max_new_tokens, **report.as_metrics())
+        values.update(source_counts(step_prompt_ids(prompts, step - 1, cfg), [p.source for p in prompts], "prompts"))
         if critic is not None:
             values.update({"critic/lr": critic.lr(), "critic/grad_norm": critic.grad_norm()})
         metrics.log(step, values)
@@ -212,10 +214,17 @@ def step_seed(cfg: RLConfig, step: int, dp_rank: int) -> int:
     return cfg.seed * 1_000_003 + step * 1009 + dp_rank
 
 
-def step_prompts(prompts: list, step: int, cfg: RLConfig, policy) -> list:
-    """This data-parallel rank's share of the step's prompts (the order: an endless seeded stream)."""
+def step_prompt_ids(prompts: list, step: int, cfg: RLConfig) -> list[int]:
+    """The step's prompts over all ranks: an endless seeded stream, weighted by data.source_weights."""
     ro = cfg.rollout
-    ids = rows_at(step * ro.prompts_per_step, ro.prompts_per_step, len(prompts), cfg.seed, cfg.data.shuffle)
+    return weighted_rows_at(step * ro.prompts_per_step, ro.prompts_per_step, [p.source for p in prompts],
+                            cfg.data.source_weights, cfg.seed, cfg.data.shuffle)
+
+
+def step_prompts(prompts: list, step: int, cfg: RLConfig, policy) -> list:
+    """This data-parallel rank's share of the step's prompts (step_prompt_ids)."""
+    ro = cfg.rollout
+    ids = step_prompt_ids(prompts, step, cfg)
     per_rank = ro.prompts_per_step // policy.dp_size
     return [prompts[i] for i in ids[policy.dp_rank * per_rank : (policy.dp_rank + 1) * per_rank]]
 

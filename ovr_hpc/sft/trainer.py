@@ -12,7 +12,8 @@ import time
 
 from ovr_hpc import stage as stages
 from ovr_hpc.config import ColdStartConfig, to_dict
-from ovr_hpc.data.dataset import Collator, build_rows, prepare_sft_dataset, rows_at
+from ovr_hpc.data.dataset import Collator, build_rows, prepare_sft_dataset, row_sources, samples_per_source
+from ovr_hpc.data.weights import weighted_rows_at
 from ovr_hpc.engines.base import build_engine
 from ovr_hpc.metrics import MetricsLogger
 from ovr_hpc.models.loading import load_processor
@@ -58,7 +59,9 @@ def train(cfg: ColdStartConfig) -> dict:
     status: str | None = None  # stays None when a resumed run had already finished
     while step < total_steps:
         t0 = time.perf_counter()
-        step_rows = rows_at(step * global_batch, global_batch, len(rows), cfg.seed, cfg.data.shuffle)
+        # the endless seeded stream of rows, weighted by data.source_weights (ovr_hpc/data/weights.py)
+        step_rows = weighted_rows_at(step * global_batch, global_batch, row_sources(dataset, rows),
+                                     cfg.data.source_weights, cfg.seed, cfg.data.shuffle)
         my_rows = step_rows[engine.dp_rank * rows_per_rank : (engine.dp_rank + 1) * rows_per_rank]
         micro_batches = []
         for i in range(0, len(my_rows), cfg.parallel.micro_batch_size):
@@ -88,6 +91,7 @@ def train(cfg: ColdStartConfig) -> dict:
             "packing_efficiency": global_real / (global_batch * cfg.data.max_seq_len),
             "step_seconds": seconds,
             **dataset.report.as_metrics(),
+            **samples_per_source(dataset, rows, step_rows),
         })
         status = stage.end_of_step(step, total_steps, save)
         if status:
