@@ -8,6 +8,9 @@
     ovr-hpc plan CONFIG --nodes N --gpus-per-node G --gpu NAME   memory, disk, tokens and time per step (no torch)
     ovr-hpc submit STAGE CONFIG [options] [key=value ...]   submit through submitit
     ovr-hpc data check FILE [FILE ...]            report malformed records without training
+    ovr-hpc data passrate CONFIG [key=value ...]  RL records' pass rates under the current model (ranks split them)
+    ovr-hpc data loss-scores CONFIG --out DIR     cold-start samples' mean token loss under a model (ranks split them)
+    ovr-hpc data filter FILE... --out KEPT.jsonl  keep a pass-rate band, drop proofs / the highest-loss share
     ovr-hpc grade FILE.jsonl [options]            the RL reward over (response, reference) pairs; audit references
     ovr-hpc export RUN [STEP] OUT_DIR             Hugging Face model from a training checkpoint
     ovr-hpc average CKPT_OR_RUN... --out DIR      (weighted) average of checkpoints' weights, streamed (CPU)
@@ -136,6 +139,39 @@ def _demo(args) -> int:
     return 0
 
 
+def _add_curation_parsers(data_sub) -> None:
+    """`data passrate`, `data loss-scores`, `data filter` (ovr_hpc/data/curation.py)."""
+    curation = lambda name: lambda a: getattr(__import__("ovr_hpc.data.curation", fromlist=[name]), name)(a)  # noqa: E731
+    q = data_sub.add_parser("passrate", help="k responses per RL record with the current model, graded by the RL "
+                            "reward: pass rates (an eval config with records benchmarks; one process per rank)")
+    q.add_argument("config", help="eval config: benchmarks=[{name: records, path: RL.jsonl}], sampling.n = k")
+    q.add_argument("overrides", nargs="*", help="key.sub=value")
+    q.set_defaults(func=curation("passrate_command"))
+    q = data_sub.add_parser("loss-scores", help="each cold-start sample's mean token loss under model.path "
+                            "(a cold-start config; one process per rank)")
+    q.add_argument("config", help="cold-start config: model.path = the scoring model, data.* = the records")
+    q.add_argument("overrides", nargs="*", help="key.sub=value")
+    q.add_argument("--out", required=True, help="folder of the scores (DIR/loss_scores.jsonl); a rerun continues")
+    q.set_defaults(func=curation("loss_scores_command"))
+    q = data_sub.add_parser("filter", help="keep records by pass rate, drop proofs or the highest-loss share; "
+                            "report by source and reason")
+    q.add_argument("files", nargs="+", help="the records (JSONL / Parquet), in the order they were scored")
+    q.add_argument("--out", required=True, help="the kept records (JSONL); the report goes to OUT.report.json")
+    q.add_argument("--report", help="report path (default OUT.report.json)")
+    q.add_argument("--pass-rates", nargs="+", default=[], metavar="FILE", help="passrates.jsonl of `data passrate`")
+    q.add_argument("--min-pass-rate", type=float, default=0.0, help="drop records below this pass rate (too hard)")
+    q.add_argument("--max-pass-rate", type=float, default=1.0, help="drop records above this pass rate (too easy)")
+    q.add_argument("--drop-unsolved", action="store_true", help="drop records no response solved (0/k)")
+    q.add_argument("--drop-solved", action="store_true", help="drop records every response solved (k/k)")
+    q.add_argument("--drop-proofs", action="store_true",
+                   help="drop proof questions without a checkable answer (rule: ovr_hpc/data/curation.py)")
+    q.add_argument("--loss-scores", nargs="+", default=[], metavar="FILE", help="loss_scores.jsonl of `data loss-scores`")
+    q.add_argument("--drop-highest", type=float, default=0.0, metavar="SHARE",
+                   help="drop this share of the scored records with the highest loss (e.g. 0.1)")
+    q.add_argument("--by-source", action="store_true", help="--drop-highest within each source, not overall")
+    q.set_defaults(func=curation("filter_command"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ovr-hpc", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -186,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("files", nargs="+")
     q.add_argument("--kind", choices=["sft", "rl"], default="sft")
     q.set_defaults(func=_data_check)
+    _add_curation_parsers(data_sub)
 
     p = sub.add_parser("grade", help="grade a JSONL of (response, reference) pairs with the RL reward; verdict counts")
     p.add_argument("file")
