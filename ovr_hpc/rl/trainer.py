@@ -39,6 +39,7 @@ from ovr_hpc.rl import advantages as adv_fns
 from ovr_hpc.rl import losses
 from ovr_hpc.rl.prompts import load_rl_prompts, stop_strings, to_rollout_prompt
 from ovr_hpc.rollout.base import RolloutInterrupted, SamplingParams
+from ovr_hpc.rollout.build import build_rollout_engine
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -70,7 +71,7 @@ def train(cfg: RLConfig) -> dict:
                                                   cfg.schedule, total_steps, info.world_size,
                                                   model_path=cfg.critic.path, seed=cfg.seed)
     reference = build_reference(cfg) if alg.kl_coef > 0 else None
-    rollout = build_rollout_engine(cfg, processor, info)
+    rollout = rollout_engine(cfg, processor)
     reward_pool = RewardPool(alg.reward_workers, alg.reward_timeout_s)
     collator = Collator(processor, cfg.data.min_pixels, cfg.data.max_pixels,
                         always_run_vision=any(p.images for p in prompts))
@@ -369,16 +370,14 @@ def build_reference(cfg: RLConfig):
     return reference.to(dist.device()).eval().requires_grad_(False)
 
 
-def build_rollout_engine(cfg: RLConfig, processor, info):
-    if cfg.rollout.engine == "vllm":
-        from ovr_hpc.rollout.vllm import VLLMRolloutEngine
-
-        return VLLMRolloutEngine.from_config(cfg, processor, info)
-    from ovr_hpc.rollout.hf import HFRolloutEngine
-
-    model = load_vlm(cfg.model.path, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device())
-    model.config.use_cache = True  # the trainer's copies turn the cache off; generation wants it
-    return HFRolloutEngine(model, processor, cfg.data.min_pixels, cfg.data.max_pixels, cfg.rollout.batch_size)
+def rollout_engine(cfg: RLConfig, processor):
+    """The rollout engine of the policy (vLLM: dummy weights until the first push); rollout.max_model_len 0
+    = the longest prompt + the longest response of the length curriculum."""
+    longest_response = max(length for _, length in cfg.rollout.max_response_len)
+    return build_rollout_engine(cfg.rollout, cfg.model.path, dtype=cfg.model.dtype,
+                                attn_implementation=cfg.model.attn_implementation, min_pixels=cfg.data.min_pixels,
+                                max_pixels=cfg.data.max_pixels, seed=cfg.seed,
+                                max_model_len=cfg.data.max_prompt_len + longest_response, processor=processor)
 
 
 def minibatch_split(n: int, parts: int, seed: int) -> list[list[int]]:

@@ -12,7 +12,7 @@ across groups.
 
 Lifecycle, per RL step (what the trainer calls, in this order):
 
-    engine = VLLMRolloutEngine(model_path, ...)     # dummy weights: nothing read from disk
+    engine = build_rollout_engine(cfg.rollout, ...) # ovr_hpc.rollout.build; dummy weights: nothing read
     engine.sleep()                                  # GPU + sleep mode: free weights and KV cache
     ... each step ...
     engine.load_weights(trainer.iter_full_params()) # wakes the weights, streams them in, resets caches
@@ -34,7 +34,10 @@ with the same min/max pixels as training), so vLLM and the trainer see identical
 video placeholder tokens are banned from sampling. The returned log-probs are those of the sampling
 distribution: temperature applied, banned tokens removed (and top-p truncation when top_p < 1).
 
-This module imports nothing heavy at import time: config validation calls `check_vllm_available`.
+The engine's settings are one `RolloutEngineConfig` (ovr_hpc/config.py: the `rollout` keys of the RL and
+eval configs), resolved by `ovr_hpc.rollout.build.build_rollout_engine` (the stage's max_model_len, sleep
+mode off on the CPU build). This module imports nothing heavy at import time: preflight calls
+`check_vllm_available`.
 """
 
 from __future__ import annotations
@@ -51,10 +54,11 @@ from ovr_hpc.buckets import size_bounded
 if TYPE_CHECKING:
     import torch
 
+    from ovr_hpc.config import RolloutEngineConfig
     from ovr_hpc.data.prompts import Prompt
     from ovr_hpc.rollout.base import Completion, SamplingParams
 
-# The CPU build otherwise reserves most of the machine's memory for its KV cache.
+# The CPU build otherwise reserves most of the machine's memory for its KV cache (rollout.kv_cache_mb: 0).
 CPU_DEFAULT_KV_CACHE_BYTES = 256 << 20
 
 # Placeholders the model must never emit (the processor expands them into image/video features).
@@ -114,12 +118,6 @@ def check_vllm_available(allow_cpu: bool, *, need_gpu_here: bool = True) -> None
         )
 
 
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def iter_buckets(named_tensors: Iterable[tuple[str, "torch.Tensor"]], bucket_bytes: int, dtype, device
                  ) -> Iterator[list[tuple[str, "torch.Tensor"]]]:
     """Renamed, cast and moved (name, tensor) pairs, grouped into lists of at most `bucket_bytes` (one
@@ -137,36 +135,6 @@ def iter_buckets(named_tensors: Iterable[tuple[str, "torch.Tensor"]], bucket_byt
 
     yield from size_bounded(named_tensors, bucket_bytes, size=lambda pair: pair[1].numel() * itemsize,
                             convert=converted)
-
-
-def engine_kwargs(cfg) -> dict:
-    """VLLMRolloutEngine arguments from an RL config (`cfg.rollout`, `cfg.model`, `cfg.data`, `cfg.seed`).
-    Keys the config does not define take the defaults written here."""
-    ro = cfg.rollout
-    get = lambda key, default: getattr(ro, key, default)  # noqa: E731
-    longest_response = max(length for _, length in ro.max_response_len)
-    allow_cpu = get("vllm_allow_cpu", False)
-    kv_mb = get("kv_cache_mb", 0)
-    return dict(
-        min_pixels=cfg.data.min_pixels,
-        max_pixels=cfg.data.max_pixels,
-        tensor_parallel_size=ro.tensor_parallel_size,
-        dtype=cfg.model.dtype,
-        gpu_memory_utilization=ro.gpu_memory_utilization,
-        max_model_len=get("max_model_len", 0) or cfg.data.max_prompt_len + longest_response,
-        max_num_batched_tokens=ro.max_num_batched_tokens,
-        max_num_seqs=get("max_num_seqs", 256),
-        kv_cache_memory_bytes=kv_mb << 20 if kv_mb else None,
-        # sleep mode is CUDA-only: the CPU test build runs the same config without it
-        enable_sleep_mode=ro.enable_sleep_mode and (not allow_cpu or _cuda_available()),
-        sleep_level=get("sleep_level", 2),
-        enforce_eager=get("enforce_eager", False),
-        max_images_per_prompt=get("max_images_per_prompt", 4),
-        seed=cfg.seed,
-        seed_per_request=get("seed_per_request", None),
-        weight_bucket_bytes=get("weight_bucket_mb", 512) << 20,
-        allow_cpu=allow_cpu,
-    )
 
 
 @dataclasses.dataclass
@@ -195,77 +163,53 @@ class VLLMRolloutEngine:
     Args:
         model_path: Hugging Face directory of the policy; its config, tokenizer and processor are read,
             its weights are not (dummy load), unless `load_format="auto"`.
+        cfg: the engine's settings, resolved (`build_rollout_engine`: max_model_len > 0). The engine reads
+            tensor_parallel_size (must divide the world size), gpu_memory_utilization, max_model_len,
+            max_num_batched_tokens, max_num_seqs, kv_cache_mb (0: gpu_memory_utilization; the CPU build
+            CPU_DEFAULT_KV_CACHE_BYTES), enable_sleep_mode (CUDA only: refused on the CPU build),
+            sleep_level, enforce_eager, max_images_per_prompt, seed_per_request (None = on for CPU, off
+            for CUDA, where the engine seed drives sampling), weight_bucket_mb and vllm_allow_cpu; each
+            key's meaning is its docstring in RolloutEngineConfig.
         min_pixels, max_pixels: image bounds, the same as training's (data.min_pixels / max_pixels).
-        tensor_parallel_size: GPUs per rollout engine; must divide the world size.
         dtype: "bfloat16" on GPUs; "float32" for the CPU tests.
-        gpu_memory_utilization: fraction of the GPU vLLM may fill (weights + KV cache) when awake.
-        max_model_len: prompt + response tokens per sequence.
-        max_num_batched_tokens: tokens per engine step (prefill chunking).
-        max_num_seqs: sequences decoded together.
-        kv_cache_memory_bytes: a fixed KV-cache size instead of gpu_memory_utilization (CPU default:
-            CPU_DEFAULT_KV_CACHE_BYTES).
-        enable_sleep_mode: free weights and KV cache between generations (CUDA only).
-        sleep_level: 2 drops the weights while asleep (they are re-pushed every step anyway), 1 keeps
-            a CPU copy of them.
-        max_images_per_prompt: images a prompt may carry (bounds vLLM's encoder-cache profiling).
         seed: base sampling seed; the engine of rollout group g uses seed + g.
-        seed_per_request: seed every request from (SamplingParams.seed, the prompt's index), which makes
-            rollouts reproducible whatever the batching and the rollout layout; costs a per-request RNG
-            in vLLM's sampler (a small kernel per sequence and step). None = on for CPU, off for CUDA,
-            where the engine seed (seed + group) drives sampling.
-        weight_bucket_bytes: bound on the converted weights in flight during a push.
-        allow_cpu: accept the CPU build (tests).
+        load_format: "dummy" (the RL trainer pushes its weights) or "auto" (read them from model_path).
         processor: the caller's processor of `model_path` (else loaded here with min/max pixels).
+        extra_engine_args: more vllm.LLM arguments, over the ones set here.
     """
-
-    @classmethod
-    def from_config(cls, cfg, processor=None, info=None) -> "VLLMRolloutEngine":  # noqa: ARG003 - info: dist
-        """The engine of an RL config (see `engine_kwargs`)."""
-        return cls(cfg.model.path, processor=processor, **engine_kwargs(cfg))
 
     def __init__(
         self,
         model_path: str,
+        cfg: "RolloutEngineConfig",
         *,
         min_pixels: int,
         max_pixels: int,
-        tensor_parallel_size: int = 1,
-        dtype: str = "bfloat16",
-        gpu_memory_utilization: float = 0.5,
-        max_model_len: int = 8192,
-        max_num_batched_tokens: int = 8192,
-        max_num_seqs: int = 256,
-        kv_cache_memory_bytes: int | None = None,
-        enable_sleep_mode: bool = False,
-        sleep_level: int = 2,
-        enable_prefix_caching: bool = True,
-        enforce_eager: bool = False,
-        max_images_per_prompt: int = 4,
+        dtype: str,
         seed: int = 0,
-        seed_per_request: bool | None = None,
-        weight_bucket_bytes: int = 512 << 20,
         load_format: str = "dummy",
-        allow_cpu: bool = False,
         processor=None,
+        enable_prefix_caching: bool = True,
         extra_engine_args: dict | None = None,
     ):
-        check_vllm_available(allow_cpu)
+        check_vllm_available(cfg.vllm_allow_cpu)
         import torch
         import torch.distributed as dist
 
         from ovr_hpc.models.loading import load_processor
 
         self.on_cuda = torch.cuda.is_available()
-        if enable_sleep_mode and not self._sleep_supported():
+        if cfg.enable_sleep_mode and not self._sleep_supported():
             raise ValueError("rollout.enable_sleep_mode needs CUDA: vLLM's CPU build has no sleep mode "
                              "(set rollout.enable_sleep_mode: false for CPU runs)")
-        if sleep_level not in (1, 2):
-            raise ValueError(f"rollout.sleep_level must be 1 or 2, got {sleep_level}")
+        if cfg.max_model_len <= 0:
+            raise ValueError(f"rollout.max_model_len ({cfg.max_model_len}) must be resolved to > 0 (the stage's "
+                             "rule: ovr_hpc.rollout.build.build_rollout_engine does it)")
 
         # ---- where this process sits: rollout groups of `tensor_parallel_size` consecutive ranks ------
         world = dist.get_world_size() if dist.is_initialized() else 1
         rank = dist.get_rank() if dist.is_initialized() else 0
-        tp = tensor_parallel_size
+        tp = cfg.tensor_parallel_size
         if tp < 1 or world % tp:
             raise ValueError(f"rollout.tensor_parallel_size ({tp}) must divide the number of ranks ({world})")
         if world == 1 and tp > 1:
@@ -280,10 +224,10 @@ class VLLMRolloutEngine:
                 if g == self.group_index:
                     self._prompt_group = pg
         self.seed = seed
-        self.seed_per_request = (not self.on_cuda) if seed_per_request is None else seed_per_request
+        self.seed_per_request = (not self.on_cuda) if cfg.seed_per_request is None else cfg.seed_per_request
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.weight_bucket_bytes = weight_bucket_bytes
-        self.sleep_enabled, self.sleep_level = enable_sleep_mode, sleep_level
+        self.weight_bucket_bytes = cfg.weight_bucket_mb << 20
+        self.sleep_enabled, self.sleep_level = cfg.enable_sleep_mode, cfg.sleep_level
         self._asleep: set[str] = set()
         dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
         if dtype not in dtypes:
@@ -298,28 +242,27 @@ class VLLMRolloutEngine:
             load_format=load_format,
             dtype=dtype,
             seed=seed + self.group_index,
-            max_model_len=max_model_len,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs,
+            max_model_len=cfg.max_model_len,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_num_seqs=cfg.max_num_seqs,
             enable_prefix_caching=enable_prefix_caching,
-            enforce_eager=enforce_eager,
-            enable_sleep_mode=enable_sleep_mode,
-            limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+            enforce_eager=cfg.enforce_eager,
+            enable_sleep_mode=cfg.enable_sleep_mode,
+            limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
             mm_processor_kwargs={"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels}},
             logprobs_mode="processed_logprobs",
             tensor_parallel_size=tp,
         )
         if self.seed_per_request and not self.on_cuda:
-            engine_args.update(self._cpu_seeded_prefill(max_num_batched_tokens, max_model_len))
+            engine_args.update(self._cpu_seeded_prefill(cfg.max_num_batched_tokens, cfg.max_model_len))
         if world > 1:
             self._export_launcher_env(rank, world)
             engine_args.update(distributed_executor_backend="external_launcher", data_parallel_size=world // tp)
-        if kv_cache_memory_bytes is None and not self.on_cuda:
-            kv_cache_memory_bytes = CPU_DEFAULT_KV_CACHE_BYTES
+        kv_cache_memory_bytes = cfg.kv_cache_mb << 20 or (None if self.on_cuda else CPU_DEFAULT_KV_CACHE_BYTES)
         if kv_cache_memory_bytes is not None:
             engine_args["kv_cache_memory_bytes"] = kv_cache_memory_bytes
         else:
-            engine_args["gpu_memory_utilization"] = gpu_memory_utilization
+            engine_args["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         from vllm import LLM
         from vllm.engine.arg_utils import EngineArgs
 

@@ -251,6 +251,11 @@ def test_resolve_model_from_a_training_run(tmp_path, fake_model):
     ("benchmarks=[{name: records}]", "benchmarks[0].path is required"),
     ("rollout.engine=tpu", "rollout.engine"),
     ("benchmarks=[]", "benchmarks is empty"),
+    ("rollout.tensor_parallel_size=0", "rollout.tensor_parallel_size (0) must be > 0"),
+    # the old untyped options of the vLLM engine: the error names the keys that replaced them
+    ("rollout.options={tensor_parallel_size: 2, kv_cache_memory_bytes: 67108864, allow_cpu: true}",
+     "rollout.options is gone: the vLLM engine's settings are typed keys of rollout now; write "
+     "rollout.tensor_parallel_size: 2, rollout.kv_cache_mb: 64, rollout.vllm_allow_cpu: true"),
 ])
 def test_config_errors_name_the_key(override, message, fake_model):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
@@ -270,7 +275,7 @@ def test_shipped_configs_load():
         cfg.validate_world(8)
     if not hf:  # the rollout TP check belongs to the vllm engine
         cfg = load_config("eval", os.path.join(REPO, "configs", "qwen25vl_7b", "eval.yaml"),
-                          ["rollout.options={tensor_parallel_size: 4}"])
+                          ["rollout.tensor_parallel_size=4"])
         with pytest.raises(ConfigError, match="must divide the number of ranks"):
             cfg.validate_world(6)
 

@@ -1,5 +1,6 @@
-"""The parts of the vLLM engine that need no vLLM: weight names, buckets, the availability check, the
-engine arguments of an RL config. (The engine itself: tests/rollout/vllm/, in the CPU vLLM venv.)"""
+"""The parts of the vLLM engine that need no vLLM: weight names, buckets, the availability check. (The
+engine's settings from a config: test_build.py; the engine itself: tests/rollout/vllm/, in the CPU vLLM
+venv.)"""
 
 from __future__ import annotations
 
@@ -86,19 +87,6 @@ def test_check_cuda_build_on_cpu(monkeypatch):
         V.check_vllm_available(allow_cpu=False)
     with pytest.raises(V.VLLMUnavailableError, match="CUDA build"):
         V.check_vllm_available(allow_cpu=True)
-
-
-def test_engine_kwargs_from_rl_config():
-    from ovr_hpc.config import RLConfig
-
-    cfg = RLConfig()
-    cfg.rollout.engine = "vllm"
-    kw = V.engine_kwargs(cfg)
-    assert kw["max_model_len"] == cfg.data.max_prompt_len + 49152  # the longest response of the curriculum
-    assert kw["tensor_parallel_size"] == cfg.rollout.tensor_parallel_size
-    assert kw["min_pixels"] == cfg.data.min_pixels and kw["max_pixels"] == cfg.data.max_pixels
-    assert kw["enable_sleep_mode"] == cfg.rollout.enable_sleep_mode
-    assert kw["weight_bucket_bytes"] == 512 << 20 and kw["allow_cpu"] is False
 
 
 def test_seed_mixing_is_deterministic_and_spread():

@@ -4,6 +4,7 @@ prompts, pushes another model's weights, generates again; writes what it got to 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -15,11 +16,11 @@ def main(model_dir: str, other_dir: str, out_dir: str, tp: int, red: str, wide: 
     from ovr_hpc.data.prompts import Prompt
     from ovr_hpc.rollout.base import SamplingParams
     from ovr_hpc.rollout.vllm import VLLMRolloutEngine
-    from tests.rollout.vllm.conftest import ENGINE_ARGS
+    from tests.rollout.vllm.conftest import ENGINE, ENGINE_ARGS
     from tests.rollout.vllm.test_spmd import rank_prompts, rank_params
 
     info = dist.init_distributed()
-    engine = VLLMRolloutEngine(model_dir, tensor_parallel_size=tp, **ENGINE_ARGS)
+    engine = VLLMRolloutEngine(model_dir, dataclasses.replace(ENGINE, tensor_parallel_size=tp), **ENGINE_ARGS)
     prompts = [Prompt(**p) for p in rank_prompts(info.rank, red, wide)]
     result = {"group": engine.group_index, "groups": engine.num_groups}
 

@@ -17,11 +17,14 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
+from ovr_hpc.config import RolloutEngineConfig  # noqa: E402 - after the environment above
+
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 MIN_PIXELS, MAX_PIXELS = 3136, 50176
-ENGINE_ARGS = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, dtype="float32", max_model_len=512,
-                   max_num_batched_tokens=512, max_num_seqs=16, kv_cache_memory_bytes=64 << 20,
-                   enforce_eager=True, allow_cpu=True)
+# the engine's settings (the rollout keys of a config, resolved) and the rest of its arguments
+ENGINE = RolloutEngineConfig(engine="vllm", max_model_len=512, max_num_batched_tokens=512, max_num_seqs=16,
+                             kv_cache_mb=64, enforce_eager=True, enable_sleep_mode=False, vllm_allow_cpu=True)
+ENGINE_ARGS = dict(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, dtype="float32")
 
 
 def needs_two_devices():
@@ -64,7 +67,7 @@ def engine_state(tiny_model_dir):
     from ovr_hpc.rollout.base import SamplingParams
     from ovr_hpc.rollout.vllm import VLLMRolloutEngine
 
-    engine = VLLMRolloutEngine(tiny_model_dir, **ENGINE_ARGS)
+    engine = VLLMRolloutEngine(tiny_model_dir, ENGINE, **ENGINE_ARGS)
     try:
         engine.generate([Prompt("hello")], SamplingParams(max_new_tokens=2))
         before_push = "generated"

@@ -4,12 +4,14 @@ buckets, a checkpoint's weights after a resume), the banned image token."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from ovr_hpc.data.prompts import Prompt
 from ovr_hpc.rollout.base import SamplingParams
-from tests.rollout.vllm.conftest import MAX_PIXELS, MIN_PIXELS
+from tests.rollout.vllm.conftest import ENGINE, ENGINE_ARGS, MAX_PIXELS, MIN_PIXELS
 
 BANNED = ("<|image_pad|>", "<|video_pad|>")
 
@@ -252,8 +254,7 @@ def test_sleep_mode_is_cuda_only(tiny_model_dir):
     from ovr_hpc.rollout.vllm import VLLMRolloutEngine
 
     with pytest.raises(ValueError, match="enable_sleep_mode needs CUDA"):
-        VLLMRolloutEngine(tiny_model_dir, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS, enable_sleep_mode=True,
-                          allow_cpu=True)
+        VLLMRolloutEngine(tiny_model_dir, dataclasses.replace(ENGINE, enable_sleep_mode=True), **ENGINE_ARGS)
 
 
 def test_check_vllm_available_cpu_build():
