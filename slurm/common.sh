@@ -152,7 +152,7 @@ ovr_job() {
   echo "master    $MASTER_ADDR:$MASTER_PORT"
   echo "commit    $commit$dirty ($root)"
   echo "python    $py"
-  echo "command   ovr-hpc $stage $*"
+  echo "command   ovr-hpc ${OVR_COMMAND:-$stage} $*"
   echo "config    (resolved)"
   # every pre-run check on this node before srun starts anything (the job's ranks, GPUs per node, the
   # checkpoint it resumes from); exit 2 and the message if the run would fail
@@ -174,8 +174,10 @@ ovr_job() {
   trap 'ovr_say "SIGUSR1 to the batch shell: passing it to the tasks"; scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
   trap 'ovr_say "SIGUSR2 to the batch shell: passing it to the tasks"; scancel --signal=USR2 "$SLURM_JOB_ID"' USR2
 
+  # OVR_COMMAND: set (not exported) by a script whose ranks run another subcommand on the stage's config
+  # (passrate.sh: `data passrate` on an eval config); unquoted, as it may be two words
   # shellcheck disable=SC2086
-  srun --kill-on-bad-exit=0 --wait="${OVR_SRUN_WAIT:-300}" $py -m ovr_hpc.cli "$stage" "$@" &
+  srun --kill-on-bad-exit=0 --wait="${OVR_SRUN_WAIT:-300}" $py -m ovr_hpc.cli ${OVR_COMMAND:-$stage} "$@" &
   local srun_pid=$!
   # `wait` returns early when a trapped signal arrives: wait until srun itself has exited
   while kill -0 "$srun_pid" 2>/dev/null; do wait "$srun_pid"; done
