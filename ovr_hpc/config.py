@@ -281,8 +281,8 @@ def validate_rollout_engine(prefix: str, engine: str) -> None:
 
 
 def validate_source_weights(key: str, weights: dict) -> None:
-    """data.source_weights: source names to finite weights >= 0, not all 0 (which sources the records have
-    is checked where they are read: ovr_hpc.data.weights.source_plan)."""
+    """data.source_weights: source names to finite weights >= 0 (which sources the records have, and that one
+    is left to draw, is checked where they are read: ovr_hpc.data.weights.source_plan)."""
     import math
 
     for source, weight in weights.items():
