@@ -1,12 +1,13 @@
 """`ovr-hpc demo`: the tiny two-stage pipeline on this machine, end to end, with a report.
 
-1. a tiny Qwen2.5-VL (random init, real architecture) and synthetic data: arithmetic word problems,
-   and a colour question whose colour is named in the text (cold start) or only shown in a picture (RL);
-2. cold start: greedy held-out accuracy, training through the real trainer as 2 local ranks
-   (DeepSpeed ZeRO-3 on gloo), export, held-out accuracy again;
-3. RL: PPO + GAE with a critic on the picture-only colour question, 2 local ranks; held-out reward
-   (greedy) before and after;
-4. DIR/report.json and PNG curves (loss; reward and response length, like the paper's figures).
+1. a tiny Qwen2.5-VL (random init, real architecture) and synthetic data (ovr_hpc/data/synthetic.py):
+   arithmetic word problems, captioned pictures, and the colour question about a picture answered in
+   format with a guessed colour (cold start); the colour question about a picture alone (RL);
+2. cold start through the real trainer as 2 local ranks (DeepSpeed ZeRO-3 on gloo), exported;
+3. RL: PPO + GAE with a critic on the picture-only colour question, 2 local ranks, exported;
+4. greedy held-out outcomes of both tasks before the cold start, after it and after RL (accuracy,
+   per-class accuracy, answer distribution: a collapse onto one answer is visible at a glance), printed
+   and in DIR/report.json, with PNGs (outcomes.png; loss; reward and response length, like the paper's).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def run_demo(out: str = "runs/demo", nprocs: int = 2, seed: int = 0) -> dict:
     report["seconds_total"] = round(time.time() - t0, 1)
     report["plots"] = plot_runs([os.path.join(out, "coldstart"), os.path.join(out, "rl")], os.path.join(out, "plots"))
     report["plots"]["outcomes"] = plot_outcomes(
-        {stage: outcomes["color"][stage] for stage in ("coldstart", "rl")}, sorted(COLORS),
+        {"after the cold start": outcomes["color"]["coldstart"], "after RL": outcomes["color"]["rl"]}, sorted(COLORS),
         "Picture-only colour question, held out: before and after RL", os.path.join(out, "outcomes.png"))
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
