@@ -212,8 +212,9 @@ def save_hf_model(named_tensors, model_path: str, out_dir: str, *, write: bool =
 
 
 def save_checkpoint(engines: dict, output_dir: str, step: int, train_state: dict, config_yaml: str, model_path: str,
-                    keep_last: int, save_hf: bool, keep_every: int | None = None) -> str:
+                    keep_last: int, save_hf: bool, keep_every: int | None = None, rank_json: dict | None = None) -> str:
     """All ranks call. `engines` maps names to engines; the HF weights are those of engines["policy"].
+    rank_json: {name: JSON-able} of this rank, written as name_rank{R}.json (e.g. the partial-rollout buffer).
     Older checkpoints are pruned by `prune_checkpoints` (keep_every: by default checkpoint.keep_every of
     `config_yaml`, the run's config). Returns the final step_N path."""
     import torch
@@ -229,6 +230,9 @@ def save_checkpoint(engines: dict, output_dir: str, step: int, train_state: dict
     for name, engine in engines.items():
         engine.save(os.path.join(tmp, name), client_state={"train_state": train_state})
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    for name, value in (rank_json or {}).items():
+        with open(os.path.join(tmp, f"{name}_rank{rank}.json"), "w") as f:
+            json.dump(value, f)
     if save_hf:
         save_hf_model(engines["policy"].iter_full_params(), model_path, os.path.join(tmp, "hf"), write=rank == 0)
     if rank == 0:
@@ -312,6 +316,18 @@ def load_checkpoint(engines: dict, path: str) -> dict:
         print(f"rank {rank}: {path} was saved on fewer ranks: resuming on this layout without a saved RNG "
               "state for this rank", flush=True)
     return client_state["train_state"]
+
+
+def load_rank_json(checkpoint: str, name: str):
+    """This rank's name_rank{R}.json of `checkpoint` (save_checkpoint's rank_json), or None without one."""
+    import torch
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    path = os.path.join(checkpoint, f"{name}_rank{rank}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def saved_num_ranks(checkpoint: str) -> int:

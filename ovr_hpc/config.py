@@ -434,6 +434,30 @@ class RolloutEngineConfig:
 
 
 @dataclass
+class PartialRolloutConfig:
+    """Partial rollouts (ovr_hpc/rl/partial.py): each step generates at most `tokens_per_step` tokens per
+    sequence; unfinished sequences are carried to the next step and continued under the new weights. Off by
+    default: the OVR recipe is strictly on-policy."""
+
+    enabled: bool = False
+    """Carry unfinished sequences into the next step (off: every response is generated whole, on-policy)."""
+    tokens_per_step: int = 8192
+    """Tokens one sequence may generate in one step; a sequence not finished by then is carried."""
+    max_staleness: int = 4
+    """A group whose oldest token was sampled more than this many policy versions ago is dropped (counted in
+    partial/dropped_groups); (max_staleness + 1) * tokens_per_step >= max_response_len means none ever is."""
+    is_cap: float = 2.0
+    """Truncated importance weight min(pi_old / pi_behaviour, is_cap) on tokens sampled by older policies."""
+
+    def validate(self, prefix: str) -> None:
+        _positive(prefix, "tokens_per_step", self.tokens_per_step)
+        if self.max_staleness < 0:
+            raise ConfigError(f"{prefix}.max_staleness ({self.max_staleness}) must be >= 0")
+        if self.is_cap < 1:
+            raise ConfigError(f"{prefix}.is_cap ({self.is_cap}) must be >= 1")
+
+
+@dataclass
 class RolloutConfig(RolloutEngineConfig):
     """The RL stage's rollouts: the engine's keys (RolloutEngineConfig) and what is sampled each step."""
 
@@ -449,8 +473,10 @@ class RolloutConfig(RolloutEngineConfig):
     """Length curriculum: [[from_step, max_new_tokens], ...] (paper: 24k, 32k from 300, 48k from 700)."""
     stop: list[str] = field(default_factory=list)
     """Extra stop strings (the end-of-turn token always stops)."""
+    partial: PartialRolloutConfig = field(default_factory=PartialRolloutConfig)
 
     def validate(self, prefix: str) -> None:
+        self.partial.validate(f"{prefix}.partial")
         for name in ("prompts_per_step", "samples_per_prompt"):
             _positive(prefix, name, getattr(self, name))
         if self.temperature <= 0:

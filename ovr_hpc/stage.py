@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ovr_hpc import dist, preflight
-from ovr_hpc.checkpoint import COMPLETE, checkpoints_dir, end_of_step, load_checkpoint, save_checkpoint
+from ovr_hpc.checkpoint import (COMPLETE, checkpoints_dir, end_of_step, load_checkpoint, load_rank_json,
+                                save_checkpoint)
 from ovr_hpc.config import dump_config
 
 
@@ -54,11 +55,16 @@ class Stage:
         self.log(f"resumed from {path} at step {state['step']}")
         return state
 
-    def save(self, engines: dict, state: dict) -> None:
-        """All ranks: checkpoint step state["step"] of every engine, with the train state and the config."""
+    def save(self, engines: dict, state: dict, rank_json: dict | None = None) -> None:
+        """All ranks: checkpoint step state["step"] of every engine, with the train state and the config
+        (and this rank's rank_json files: {name: JSON-able}, read back by `resumed_rank_json`)."""
         ck = self.cfg.checkpoint
         save_checkpoint(engines, self.out_dir, state["step"], state, dump_config(self.cfg), self.cfg.model.path,
-                        ck.keep_last, ck.save_hf_weights)
+                        ck.keep_last, ck.save_hf_weights, rank_json=rank_json)
+
+    def resumed_rank_json(self, name: str):
+        """This rank's file `name` of the checkpoint resumed from; None for a fresh run or without one."""
+        return load_rank_json(self.checks.resume_from, name) if self.checks.resume_from else None
 
     def saved(self, step: int) -> bool:
         """Step `step`'s checkpoint is complete already (e.g. saved at the step boundary before a stop)."""

@@ -14,6 +14,8 @@ Each section of the step is a function below the loop, over one `RolloutBatch`.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
 import json
 import math
@@ -37,8 +39,9 @@ from ovr_hpc.metrics import MetricsLogger
 from ovr_hpc.models.loading import TokenLogprobs, load_processor, load_vlm
 from ovr_hpc.rl import advantages as adv_fns
 from ovr_hpc.rl import losses
+from ovr_hpc.rl import partial as carry
 from ovr_hpc.rl.prompts import load_rl_prompts, stop_strings, to_rollout_prompt
-from ovr_hpc.rollout.base import RolloutInterrupted, SamplingParams
+from ovr_hpc.rollout.base import Completion, RolloutInterrupted, SampleRequest, SamplingParams
 from ovr_hpc.rollout.build import build_rollout_engine
 
 
@@ -81,12 +84,14 @@ def train(cfg: RLConfig) -> dict:
     state = stage.resume(engines)
     step, tokens_seen = state.get("step", 0), state.get("tokens_seen", 0)
     rollout.load_weights(policy.iter_full_params())
+    carried = resumed_carried(stage, ro.partial)   # partial rollouts: the unfinished groups (None: off)
     metrics = MetricsLogger(out_dir, info.is_main, cfg.logging, total_steps, resume_step=step,
                             run_config=to_dict(cfg))
 
     def save() -> None:
         stage.save(engines, {"step": step, "tokens_seen": tokens_seen, "prompts_consumed": step * ro.prompts_per_step,
-                             "max_response_len": ro.response_len_at(step)})
+                             "max_response_len": ro.response_len_at(step)},
+                   rank_json=None if carried is None else {"partial_rollouts": carry.to_json(*carried)})
 
     status: str | None = None  # stays None when a resumed run had already finished
     while step < total_steps:
@@ -95,20 +100,24 @@ def train(cfg: RLConfig) -> dict:
         #         from the same seeds after the resume, and the checkpoint is the state it started from)
         mine = step_prompts(prompts, step, cfg, policy)
         params = sampling_params(cfg, step, policy.dp_rank)
+        #         (partial rollouts: continued and new sequences up to the step's budget; `mine` becomes the
+        #         prompts of the groups that finished, `carried` the rest once the step is generated)
         with timed(times, "generate"):
-            completions = generate(rollout, mine, cfg, params, stage.stop)
+            mine, completions, carried_next, gen_stats = generate(rollout, mine, cfg, params, stage.stop,
+                                                                  prompts, carried, step, policy)
         if completions is None:
             status = stop_during_rollouts(stage, step, save)
             break
+        carried = carried_next
         # ---- 2. rewards, in worker processes
         with timed(times, "reward"):
-            batch = score(mine, completions, reward_pool)
+            batch = score(mine, completions, reward_pool, gen_stats.pop("_versions", None))
         if info.is_main:  # a few responses per step, the first thing to read when rewards look wrong
             log_samples(out_dir, step + 1, mine, batch)
         # ---- 3. old log-probs and values, on packed micro-batches (the same count on every rank)
         with timed(times, "logprobs"):
             packed = Packed(batch, range(len(batch.samples)), alg.max_tokens_per_microbatch, collator)
-            old_logprobs_and_values(packed, policy, critic, reference, ro.temperature)
+            old_logprobs_and_values(packed, policy, critic, reference, ro.temperature, ro.partial, step)
         # ---- 4. advantages: GAE whitened over the global batch, or GRPO's group-normalised rewards
         num_tokens = compute_advantages(batch, alg, ro.samples_per_prompt, policy)
         # ---- 5. policy update(s): token-level PPO over the global batch
@@ -126,7 +135,7 @@ def train(cfg: RLConfig) -> dict:
         values = step_metrics(batch, policy_stats, critic_stats, policy, critic is not None)
         tokens_seen += int(values.pop("_tokens"))
         values.update(step_timing(times, t_step, batch, policy), lr=policy.lr(), grad_norm=policy.grad_norm(),
-                      max_response_len=params.max_new_tokens, **report.as_metrics())
+                      max_response_len=params.max_new_tokens, **gen_stats, **report.as_metrics())
         values.update(source_counts(step_prompt_ids(prompts, step - 1, cfg), [p.source for p in prompts], "prompts"))
         if critic is not None:
             values.update({"critic/lr": critic.lr(), "critic/grad_norm": critic.grad_norm()})
@@ -163,6 +172,8 @@ class RolloutSample:
     values: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    versions: torch.Tensor | None = None     # partial rollouts: the step whose weights sampled each token
+    is_weights: torch.Tensor | None = None   # partial rollouts: the truncated importance weight per token
 
     @property
     def finished(self) -> bool:
@@ -237,16 +248,117 @@ def sampling_params(cfg: RLConfig, step: int, dp_rank: int) -> SamplingParams:
                           seed=step_seed(cfg, step, dp_rank))
 
 
-def generate(rollout, prompts: list, cfg: RLConfig, params: SamplingParams, stop) -> list | None:
-    """n completions per prompt, or None when a stop signal interrupted the rollouts. The engine sleeps
-    afterwards (vLLM: its weights and KV cache make room for the updates, or a save)."""
+def generate(rollout, prompts: list, cfg: RLConfig, params: SamplingParams, stop, all_prompts: list, carried,
+             step: int, policy) -> tuple[list, list | None, tuple | None, dict]:
+    """(prompts, n completions per prompt, the carried buffer after the step, generation metrics);
+    completions None when a stop signal interrupted the rollouts. The engine sleeps afterwards (vLLM: its
+    weights and KV cache make room for the updates, or a save). With partial rollouts (`carried` not
+    None) the prompts are those of the groups that finished (generate_partial)."""
+    if carried is not None:
+        return generate_partial(rollout, all_prompts, carried, step, cfg, params, stop, policy)
+    t0 = time.perf_counter()
     try:
         completions = rollout.generate([to_rollout_prompt(p, cfg.data) for p in prompts], params,
                                        should_stop=stop.agreed)
     except RolloutInterrupted:
         completions = None
     rollout.sleep()
-    return completions
+    if completions is None:
+        return prompts, None, None, {}
+    done = [c for outs in completions for c in outs]
+    return prompts, completions, None, generation_stats(policy, time.perf_counter() - t0, [c.finish_s for c in done],
+                                                        sum(len(c.token_ids) for c in done))
+
+
+def generate_partial(rollout, prompts: list, carried: tuple, step: int, cfg: RLConfig, params: SamplingParams,
+                     stop, policy) -> tuple[list, list | None, tuple | None, dict]:
+    """A step of partial rollouts (ovr_hpc/rl/partial.py): drop the stale groups, give the step's new
+    prompts to the ranks by expected tokens, then rounds of at most rollout.partial.tokens_per_step tokens
+    per unfinished sequence until every rank has a finished group. The finished groups are the step's
+    batch; the buffer passed in is left as it was (a stop during the rollouts saves it)."""
+    ro, pc = cfg.rollout, cfg.rollout.partial
+    groups, mean_len = copy.deepcopy(carried)
+    max_len = ro.response_len_at(step)
+    mean_len = mean_len or max_len / 2   # the length model's mean, until groups have finished
+    groups, dropped = carry.split_stale(groups, step, pc.max_staleness)
+    loads = [0.0] * policy.dp_size
+    loads[policy.dp_rank] = sum(carry.expected_step_tokens(carry.step_limit(s, pc.tokens_per_step, max_len), mean_len)
+                                for g in groups for s in g.samples if not s.finished)
+    cost = ro.samples_per_prompt * carry.expected_step_tokens(min(pc.tokens_per_step, max_len), mean_len)
+    ids = step_prompt_ids(prompts, step, cfg)
+    owners = carry.assign_new_groups(policy.dp_sum(loads), len(ids), cost)
+    groups += [carry.new_group(i, step, ro.samples_per_prompt) for i, r in zip(ids, owners) if r == policy.dp_rank]
+    # the hf engine asks should_stop per batch: equal counts on every rank only with one rank (vLLM's ranks
+    # step in lockstep); otherwise the stop is agreed between rounds
+    in_engine = stop.agreed if policy.dp_size == 1 or cfg.rollout.engine == "vllm" else None
+    t0, finish, tokens, rounds = time.perf_counter(), [], 0, 0
+    try:
+        while True:
+            todo = carry.to_continue(groups)
+            requests = [SampleRequest(to_rollout_prompt(prompts[groups[g].prompt_id], cfg.data),
+                                      groups[g].samples[k].token_ids,
+                                      carry.step_limit(groups[g].samples[k], pc.tokens_per_step, max_len))
+                        for g, k in todo]
+            offset = time.perf_counter() - t0
+            outs = rollout.generate_samples(requests, dataclasses.replace(params, seed=params.seed + 104729 * rounds),
+                                            should_stop=in_engine)
+            for (g, k), c in zip(todo, outs):
+                carry.absorb(groups[g].samples[k], c.token_ids, c.logprobs, c.finish_reason, c.text, step, max_len)
+                groups[g].prompt_ids = c.prompt_ids
+                finish.append(offset + c.finish_s)
+                tokens += len(c.token_ids)
+            rounds += 1
+            (missing,) = policy.dp_sum([float(not any(g.finished for g in groups))])
+            if not missing:
+                break
+            if in_engine is None and stop.agreed():
+                raise RolloutInterrupted(f"stopped after {rounds} rounds")
+    except RolloutInterrupted:
+        rollout.sleep()
+        return [], None, None, {}
+    rollout.sleep()
+    seconds = time.perf_counter() - t0
+    trained, groups = carry.take_finished(groups)
+    lengths = [len(s.token_ids) for g in trained for s in g.samples]
+    length_sum, length_n = policy.dp_sum([float(sum(lengths)), float(len(lengths))])
+    hist = carry.staleness_counts(trained, step)
+    sums = policy.dp_sum([float(len(dropped)), float(len(groups)), float(rounds)]
+                         + [float(hist.get(k, 0)) for k in range(pc.max_staleness + 1)])
+    stats = generation_stats(policy, seconds, finish, tokens)
+    stats.update({"partial/dropped_groups": sums[0], "partial/carried_groups": sums[1],
+                  "partial/rounds": sums[2] / policy.dp_size,
+                  "partial/old_policy_token_share": sum(sums[4:]) / max(1.0, sum(sums[3:])),
+                  **{f"partial/staleness_tokens/{k}": v for k, v in enumerate(sums[3:])},
+                  "_versions": [[s.versions for s in g.samples] for g in trained]})
+    completions = [[Completion(k, g.prompt_ids, s.token_ids, s.text, s.finish_reason, s.logprobs) for s in g.samples]
+                   for k, g in enumerate(trained)]
+    next_mean = length_sum / length_n if length_n else mean_len
+    return [prompts[g.prompt_id] for g in trained], completions, (groups, next_mean), stats
+
+
+def generation_stats(policy, seconds: float, finish_times: list[float], tokens: int) -> dict:
+    """Generation balance and tail over the ranks: time and tokens per rank (max, mean), the tail (seconds
+    from 90% of a rank's samples done to its last, max over ranks) and the idle fraction (1 - mean finish
+    time / last finish time: the share of sequence slots waiting for the last sample, mean over ranks)."""
+    last = max(finish_times, default=0.0)
+    idle = 1.0 - sum(finish_times) / len(finish_times) / last if last > 0 else 0.0
+    time_sum, tokens_sum, idle_sum = policy.dp_sum([seconds, float(tokens), idle])
+    n = policy.dp_size
+    return {"gen/time_per_rank_max": dist.all_reduce_max(seconds), "gen/time_per_rank_mean": time_sum / n,
+            "gen/tokens_per_rank_max_over_mean": dist.all_reduce_max(float(tokens)) / max(1.0, tokens_sum / n),
+            "gen/tail_s": dist.all_reduce_max(carry.tail_seconds(finish_times)), "gen/idle_fraction": idle_sum / n}
+
+
+def resumed_carried(stage, partial_cfg) -> tuple | None:
+    """Partial rollouts: the carried buffer of the checkpoint resumed from (empty for a fresh run); None
+    when they are off."""
+    if not partial_cfg.enabled:
+        return None
+    data = stage.resumed_rank_json("partial_rollouts")
+    if data is None and stage.checks.resume_from:
+        print(f"rank {stage.info.rank}: {stage.checks.resume_from} holds no partial-rollout buffer for this rank: "
+              "starting with none carried", flush=True)
+    return carry.from_json(data) if data is not None else ([], None)
 
 
 def stop_during_rollouts(stage, step: int, save) -> str:
@@ -257,8 +369,9 @@ def stop_during_rollouts(stage, step: int, save) -> str:
     return preempted(stage.stop, stage.log, f"{moment}: saving step {step}", save)
 
 
-def score(prompts: list, completions: list, reward_pool: RewardPool) -> RolloutBatch:
-    """Completions -> the step's samples with their rewards (graded in the pool's worker processes)."""
+def score(prompts: list, completions: list, reward_pool: RewardPool, versions: list | None = None) -> RolloutBatch:
+    """Completions -> the step's samples with their rewards (graded in the pool's worker processes);
+    versions (partial rollouts): per prompt, per completion, the version of every token."""
     samples, items = [], []
     for k, (p, outs) in enumerate(zip(prompts, completions)):
         for c in outs:
@@ -269,13 +382,19 @@ def score(prompts: list, completions: list, reward_pool: RewardPool) -> RolloutB
             items.append((c.text, p.answer, p.answer_type, c.finish_reason == "stop"))
     for s, r in zip(samples, reward_pool.score_batch(items)):
         s.reward, s.reason = r.score, r.reason
+    for s, v in zip(samples, [v for per_prompt in versions or [] for v in per_prompt]):
+        s.versions = torch.tensor(v, dtype=torch.long)
     return RolloutBatch(samples)
 
 
 @torch.no_grad()
-def old_logprobs_and_values(packed: Packed, policy, critic, reference, temperature: float) -> None:
+def old_logprobs_and_values(packed: Packed, policy, critic, reference, temperature: float, partial_cfg=None,
+                            step: int = 0) -> None:
     """The log-probs of the sampled tokens under the policy that sampled them (recomputed by the trainer),
-    the critic's values, and the reference's log-probs (only with a KL penalty)."""
+    the critic's values, and the reference's log-probs (only with a KL penalty). Partial rollouts: the
+    recomputed log-probs are the current policy's (the proximal one of decoupled PPO) and tokens sampled
+    by older versions get a truncated importance weight against their sampling log-probs
+    (ovr_hpc.rl.partial.importance_weights)."""
     logprobs = policy.forward(packed.micro, temperature=temperature)
     values = critic.forward(packed.micro) if critic is not None else [None] * len(packed.micro)
     for j, ((lp, _), v) in enumerate(zip(logprobs, values)):
@@ -285,6 +404,10 @@ def old_logprobs_and_values(packed: Packed, policy, critic, reference, temperatu
         if reference is not None:
             rlp, _ = reference(**packed.micro[j].model_inputs(), temperature=temperature)
             packed.store(j, "ref_logprobs", rlp)
+    if partial_cfg is not None and partial_cfg.enabled:
+        for s in packed.batch.samples:
+            s.is_weights = torch.tensor(carry.importance_weights(s.old_logprobs.tolist(), s.rollout_logprobs.tolist(),
+                                                                 s.versions.tolist(), step, partial_cfg.is_cap))
 
 
 def compute_advantages(batch: RolloutBatch, alg, group_size: int, policy) -> float:
@@ -300,8 +423,10 @@ def ppo_loss(j: int, output, *, packed: Packed, alg, normalizer: float, kl: bool
     """Micro-batch j's share of the global token-mean PPO loss (+ entropy bonus, + KL to the reference)."""
     lp, entropy = output
     mask = packed.mask(j)
+    weighted = packed.batch.samples[0].is_weights is not None   # partial rollouts: importance weights
+    pg_mask = mask * packed.on_positions(j, "is_weights") if weighted else mask
     loss, stats = losses.ppo_policy_loss(lp, packed.on_positions(j, "old_logprobs"),
-                                         packed.on_positions(j, "advantages"), mask, alg.clip_eps,
+                                         packed.on_positions(j, "advantages"), pg_mask, alg.clip_eps,
                                          alg.clip_eps_high, alg.dual_clip, normalizer=normalizer)
     if alg.entropy_coef:
         loss = loss - alg.entropy_coef * losses.masked_token_sum(entropy, mask, normalizer)

@@ -31,6 +31,18 @@ class Completion:
     text: str
     finish_reason: str  # "stop" (end of turn or a stop string) | "length" (hit max_new_tokens)
     logprobs: list[float]  # log p(token) under the sampling distribution at `temperature`
+    finish_s: float = 0.0  # seconds from the start of the generate call to this completion's last token
+
+
+@dataclass
+class SampleRequest:
+    """One sequence to generate (engines' `generate_samples`, partial rollouts): the prompt, the response
+    tokens it already has (continued from them, under the weights served now) and how many more it may
+    generate in this call."""
+
+    prompt: Prompt
+    prefix_ids: list[int]
+    max_new_tokens: int
 
 
 class RolloutInterrupted(Exception):
