@@ -477,6 +477,9 @@ class RolloutConfig(RolloutEngineConfig):
 
     def validate(self, prefix: str) -> None:
         self.partial.validate(f"{prefix}.partial")
+        if self.partial.enabled and self.engine != "hf":
+            raise ConfigError(f"{prefix}.partial.enabled needs {prefix}.engine: hf for now (the vllm engine has no "
+                              "generate_samples, continuing a sequence from its tokens, yet)")
         for name in ("prompts_per_step", "samples_per_prompt"):
             _positive(prefix, name, getattr(self, name))
         if self.temperature <= 0:
