@@ -34,10 +34,7 @@ def _isolated_rank_env() -> None:
 def run_coldstart(work: str) -> dict:
     """Tiny model + text-only arithmetic / colour-text records, COLDSTART_STEPS steps on one rank, exported;
     returns {"losses", "model", "heldout"} (heldout: the held-out arithmetic answer breakdown, greedy)."""
-    from ovr_hpc.checkpoint import export_hf
-    from ovr_hpc.config import load_config
     from ovr_hpc.data.synthetic import write_arithmetic_rl, write_coldstart_sft
-    from ovr_hpc.demo import heldout_accuracy
     from ovr_hpc.eval.outcomes import answer_breakdown
     from ovr_hpc.metrics import read_metrics
     from ovr_hpc.models.tiny import build_tiny_model
@@ -48,16 +45,26 @@ def run_coldstart(work: str) -> dict:
     model = str(build_tiny_model(os.path.join(work, "tiny_model"), seed=0))
     data = write_coldstart_sft(os.path.join(work, "coldstart.jsonl"), 1200, seed=0)
     heldout = write_arithmetic_rl(os.path.join(work, "heldout_arithmetic.jsonl"), 100, seed=777)
-    run = os.path.join(work, "coldstart")
-    cfg = load_config("coldstart", os.path.join(CONFIGS, "coldstart.yaml"),
-                      [f"model.path={model}", f"data.train_files=[{data}]", f"checkpoint.output_dir={run}",
-                       *COLDSTART_OVERRIDES])
-    assert train(cfg)["status"] == "completed"
-    exported = os.path.join(work, "coldstart_model")
-    export_hf(run, exported)
-    _, samples = heldout_accuracy(exported, heldout)
+    run, exported, samples = _train_export_eval("coldstart", train, work, model, data, COLDSTART_OVERRIDES, heldout)
     return {"losses": [m["loss"] for m in read_metrics(run)], "model": exported,
             "heldout": answer_breakdown(samples)}
+
+
+def _train_export_eval(stage: str, train, work: str, model: str, data: str, overrides: list[str], heldout: str,
+                       max_new_tokens: int = 48) -> tuple[str, str, list[dict]]:
+    """Train `stage` (configs/tiny/<stage>.yaml + overrides) in this process, export it, answer the held-out
+    file greedily; returns (run folder, exported model, scored samples)."""
+    from ovr_hpc.checkpoint import export_hf
+    from ovr_hpc.config import load_config
+    from ovr_hpc.demo import heldout_accuracy
+
+    run, exported = os.path.join(work, stage), os.path.join(work, f"{stage}_model")
+    cfg = load_config(stage, os.path.join(CONFIGS, f"{stage}.yaml"),
+                      [f"model.path={model}", f"data.train_files=[{data}]", f"checkpoint.output_dir={run}", *overrides])
+    assert train(cfg)["status"] == "completed"
+    export_hf(run, exported)
+    _, samples = heldout_accuracy(exported, heldout, max_new_tokens=max_new_tokens)
+    return run, exported, samples
 
 
 def golden_path(name: str) -> str:
@@ -101,8 +108,6 @@ def run_rl(work: str, start_model: str = RL_START_MODEL) -> dict:
     """PPO + GAE on the picture-only colour question from the demo's cold-start model (written by
     scripts/update-golden-curves.py: the demo's cold start, seed 0), RL_STEPS steps on one rank, exported;
     returns {"rewards", "before", "after"} (held-out colour answer breakdowns, greedy)."""
-    from ovr_hpc.checkpoint import export_hf
-    from ovr_hpc.config import load_config
     from ovr_hpc.data.synthetic import write_color_rl
     from ovr_hpc.demo import heldout_accuracy
     from ovr_hpc.eval.outcomes import answer_breakdown
@@ -118,13 +123,6 @@ def run_rl(work: str, start_model: str = RL_START_MODEL) -> dict:
     start = os.path.join(work, "start_model")  # a copy: the eval writes its results beside the model
     shutil.copytree(start_model, start, dirs_exist_ok=True)
     _, before = heldout_accuracy(start, heldout, max_new_tokens=24)
-    run = os.path.join(work, "rl")
-    cfg = load_config("rl", os.path.join(CONFIGS, "rl.yaml"),
-                      [f"model.path={start}", f"data.train_files=[{data}]", f"checkpoint.output_dir={run}",
-                       *RL_OVERRIDES])
-    assert train(cfg)["status"] == "completed"
-    exported = os.path.join(work, "rl_model")
-    export_hf(run, exported)
-    _, after = heldout_accuracy(exported, heldout, max_new_tokens=24)
+    run, _, after = _train_export_eval("rl", train, work, start, data, RL_OVERRIDES, heldout, max_new_tokens=24)
     return {"rewards": [m["reward"] for m in read_metrics(run)], "before": answer_breakdown(before),
             "after": answer_breakdown(after)}
