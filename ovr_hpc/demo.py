@@ -159,9 +159,9 @@ def run_demo(out: str = "runs/demo", nprocs: int = 2, seed: int = 0) -> dict:
     report["outcomes"] = outcomes
     report["seconds_total"] = round(time.time() - t0, 1)
     report["plots"] = plot_runs([os.path.join(out, "coldstart"), os.path.join(out, "rl")], os.path.join(out, "plots"))
-    report["plots"]["outcomes"] = plot_outcomes(
+    report["plots"].append(plot_outcomes(
         {"after the cold start": outcomes["color"]["coldstart"], "after RL": outcomes["color"]["rl"]}, sorted(COLORS),
-        "Picture-only colour question, held out: before and after RL", os.path.join(out, "outcomes.png"))
+        "Picture-only colour question, held out: before and after RL", os.path.join(out, "outcomes.png")))
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(report, f, indent=2)
     print(summary(report))
