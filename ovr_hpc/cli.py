@@ -263,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_synth_data)
 
     p = sub.add_parser("demo", help="tiny cold start (+ RL) end to end on this machine")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--nprocs", type=int, default=2)
+    p.add_argument("--out", default="runs/demo", help="where the models, data, report.json and PNGs go")
+    p.add_argument("--nprocs", type=int, default=2, help="local ranks (gloo) each stage trains on")
     p.add_argument("--seed", type=int, default=0, help="seeds the whole pipeline: model init, data, both stages")
     p.set_defaults(func=_demo)
     return parser
@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"ovr-hpc: config error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:  # a mistyped input path: its name, not a traceback
+        print(f"ovr-hpc: {e.strerror}: {e.filename}", file=sys.stderr)
         return 2
 
 

@@ -78,3 +78,11 @@ def test_references_only_clean_file_exits_0(tmp_path, capsys):
     path = write(tmp_path, [{"answer": "5"}, {"answer": "\\frac{1}{2}"}, {"answer": "C"}])
     assert main(["grade", path, "--references-only"]) == 0
     assert "ok: 3" in capsys.readouterr().out
+
+
+def test_a_missing_file_is_named_without_a_traceback(tmp_path, capsys):
+    from ovr_hpc.cli import main
+
+    assert main(["grade", str(tmp_path / "nope.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "nope.jsonl" in err and "Traceback" not in err
