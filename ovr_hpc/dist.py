@@ -188,6 +188,25 @@ def shutdown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """DeepSpeed caches process groups at module level (its clone of the world group, TP / DP groups): after
+    destroy_process_group they are dead, and a later run in the same process (tests, notebooks) would get
+    "Group ... is not registered". Drop them; DeepSpeed creates them again."""
+    import sys
+
+    from torch.distributed import ProcessGroup
+
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name, value in list(vars(groups).items()):
+        if isinstance(value, ProcessGroup):
+            setattr(groups, name, None)
+        elif isinstance(value, dict) and any(isinstance(v, ProcessGroup) for v in value.values()):
+            value.clear()
 
 
 class StopRequest:
