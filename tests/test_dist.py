@@ -102,3 +102,26 @@ def test_run_stage_ignores_stop_signals_once_the_run_is_over(monkeypatch):
         assert all(signal.getsignal(getattr(signal, name)) is signal.SIG_IGN for name in dist.StopRequest.SIGNALS)
     finally:
         dist.catch_stop_signals()
+
+
+def test_a_run_after_shutdown_in_the_same_process_builds_its_engine(tiny_model_dir, monkeypatch):
+    """dist.shutdown drops DeepSpeed's cached groups: an engine built after a shutdown and a new
+    init (an in-process run after run_stage, in tests or notebooks) does not hit a dead group."""
+    import torch
+
+    from ovr_hpc import dist
+    from ovr_hpc.config import OptimizerConfig, RLParallelConfig, ScheduleConfig
+    from ovr_hpc.engines.deepspeed import DeepSpeedEngine
+    from ovr_hpc.local import free_port
+    from ovr_hpc.models.loading import TokenLogprobs, load_vlm
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_STEP_ID"):
+        monkeypatch.delenv(k, raising=False)
+    for _ in range(2):
+        if not torch.distributed.is_initialized():
+            monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        dist.init_distributed()
+        model = load_vlm(tiny_model_dir, "float32", "sdpa")
+        DeepSpeedEngine(TokenLogprobs(model), RLParallelConfig(zero_stage=2), OptimizerConfig(lr=1e-3), "float32", 1,
+                        2, ScheduleConfig(kind="constant"), external_params=(model.lm_head.weight,))
+        dist.shutdown()
