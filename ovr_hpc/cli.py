@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ovr-hpc: config error: {e}", file=sys.stderr)
         return 2
     except FileNotFoundError as e:  # a mistyped input path: its name, not a traceback
-        print(f"ovr-hpc: {e.strerror}: {e.filename}", file=sys.stderr)
+        print(f"ovr-hpc: {e.strerror}: {e.filename}" if e.filename else f"ovr-hpc: {e}", file=sys.stderr)
         return 2
 
 
