@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 
 import pytest
 
@@ -105,3 +106,17 @@ def rewind_run(src: str, dst: str, step: int) -> None:
     kept = [line for line in open(metrics).read().splitlines() if json.loads(line).get("step", 0) <= step]
     with open(metrics, "w") as f:
         f.write("".join(line + "\n" for line in kept))
+
+
+def signal_at_call(fn, n: int, sig=signal.SIGUSR1):
+    """`fn`, sending this process `sig` at its n-th call: a preemption at a chosen moment of a run."""
+    calls = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            os.kill(os.getpid(), sig)
+        return fn(*args, **kwargs)
+
+    return wrapper

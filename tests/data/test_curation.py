@@ -17,7 +17,7 @@ from ovr_hpc.data import curation, loss as loss_mod
 from ovr_hpc.data.curation import filter_records, is_proof, run_passrate
 from ovr_hpc.data.loss import score_losses
 from ovr_hpc.rollout.base import Completion
-from tests.conftest import write_jsonl
+from tests.conftest import signal_at_call, write_jsonl
 
 
 def read_jsonl(path):
@@ -226,16 +226,8 @@ def test_loss_scores_resume_gives_the_same_file(tmp_path, tiny_model_dir, sft_fi
     cfg = coldstart_config(tmp_path, tiny_model_dir, sft_files, "data.max_seq_len=256")
     # max_seq_len is part of the tokenization: compare with a full run of the same settings
     full = score_losses(cfg, str(tmp_path / "full256"))
-    calls = []
     real = loss_mod.sample_losses
-
-    def stop_after_first_row(*args):
-        calls.append(1)
-        if len(calls) == 1:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return real(*args)
-
-    monkeypatch.setattr(loss_mod, "sample_losses", stop_after_first_row)
+    monkeypatch.setattr(loss_mod, "sample_losses", signal_at_call(real, 1))  # a stop after the first row
     out = str(tmp_path / "resumed")
     first = score_losses(cfg, out)
     assert first["status"] == "preempted"

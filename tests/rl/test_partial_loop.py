@@ -8,6 +8,7 @@ import signal
 import pytest
 import torch
 
+from tests.conftest import signal_at_call
 from tests.rl.test_rl_loop import RL_CONFIG, _rl_overrides, color_file  # noqa: F401 - a fixture
 
 # a random tiny model rarely ends a turn: a frequent stop string gives responses of mixed lengths, and a
@@ -46,15 +47,8 @@ def test_partial_rollouts_stopped_between_steps_and_during_rollouts_resume_exact
 
     # 1. a stop between steps (the signal arrives while step 2 is scored): saved at step 2 with its buffer
     between = str(tmp_path / "between")
-    real_score, scored = trainer.score, []
-
-    def signal_in_step_2(*args):
-        scored.append(1)
-        if len(scored) == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return real_score(*args)
-
-    monkeypatch.setattr(trainer, "score", signal_in_step_2)
+    real_score = trainer.score
+    monkeypatch.setattr(trainer, "score", signal_at_call(real_score, 2))  # while step 2 is scored
     assert trainer.train(cfg(between)) == {"status": "preempted", "step": 2, "total_steps": 4}
     saved = os.path.join(between, "checkpoints", "latest")
     buffer = json.load(open(os.path.join(saved, "partial_rollouts_rank0.json")))
