@@ -100,18 +100,18 @@ def train(cfg: RLConfig) -> dict:
         #         from the same seeds after the resume, and the checkpoint is the state it started from)
         mine = step_prompts(prompts, step, cfg, policy)
         params = sampling_params(cfg, step, policy.dp_rank)
-        #         (partial rollouts: continued and new sequences up to the step's budget; `mine` becomes the
-        #         prompts of the groups that finished, `carried` the rest once the step is generated)
         with timed(times, "generate"):
-            mine, completions, carried_next, gen_stats = generate(rollout, mine, cfg, params, stage.stop,
-                                                                  prompts, carried, step, policy)
-        if completions is None:
+            if carried is None:
+                rolled = generate(rollout, mine, cfg, params, stage.stop, policy)
+            else:   # partial rollouts: continued and new sequences up to the step's budget
+                rolled = generate_partial(rollout, prompts, carried, step, cfg, params, stage.stop, policy)
+        if rolled.completions is None:
             status = stop_during_rollouts(stage, step, save)
             break
-        carried = carried_next
+        mine, carried = rolled.prompts, rolled.carried
         # ---- 2. rewards, in worker processes
         with timed(times, "reward"):
-            batch = score(mine, completions, reward_pool, gen_stats.pop("_versions", None))
+            batch = score(mine, rolled.completions, reward_pool, rolled.versions)
         if info.is_main:  # a few responses per step, the first thing to read when rewards look wrong
             log_samples(out_dir, step + 1, mine, batch)
         # ---- 3. old log-probs and values, on packed micro-batches (the same count on every rank)
@@ -135,7 +135,7 @@ def train(cfg: RLConfig) -> dict:
         values = step_metrics(batch, policy_stats, critic_stats, policy, critic is not None)
         tokens_seen += int(values.pop("_tokens"))
         values.update(step_timing(times, t_step, batch, policy), lr=policy.lr(), grad_norm=policy.grad_norm(),
-                      max_response_len=params.max_new_tokens, **gen_stats, **report.as_metrics())
+                      max_response_len=params.max_new_tokens, **rolled.stats, **report.as_metrics())
         values.update(source_counts(step_prompt_ids(prompts, step - 1, cfg), [p.source for p in prompts], "prompts"))
         if critic is not None:
             values.update({"critic/lr": critic.lr(), "critic/grad_norm": critic.grad_norm()})
@@ -248,14 +248,20 @@ def sampling_params(cfg: RLConfig, step: int, dp_rank: int) -> SamplingParams:
                           seed=step_seed(cfg, step, dp_rank))
 
 
-def generate(rollout, prompts: list, cfg: RLConfig, params: SamplingParams, stop, all_prompts: list, carried,
-             step: int, policy) -> tuple[list, list | None, tuple | None, dict]:
-    """(prompts, n completions per prompt, the carried buffer after the step, generation metrics);
-    completions None when a stop signal interrupted the rollouts. The engine sleeps afterwards (vLLM: its
-    weights and KV cache make room for the updates, or a save). With partial rollouts (`carried` not
-    None) the prompts are those of the groups that finished (generate_partial)."""
-    if carried is not None:
-        return generate_partial(rollout, all_prompts, carried, step, cfg, params, stop, policy)
+@dataclass
+class Rollouts:
+    """What a step's generation gave this rank."""
+
+    prompts: list                   # the prompts generated for (partial rollouts: of the groups that finished)
+    completions: list | None        # n completions per prompt; None: a stop signal interrupted the rollouts
+    stats: dict                     # generation metrics (balance over the ranks, tail, partial/*)
+    carried: tuple | None = None    # partial rollouts: the buffer after the step (unfinished groups, mean length)
+    versions: list | None = None    # partial rollouts: per prompt, per completion, the version of every token
+
+
+def generate(rollout, prompts: list, cfg: RLConfig, params: SamplingParams, stop, policy) -> Rollouts:
+    """n completions per prompt, generated whole. The engine sleeps afterwards (vLLM: its weights and KV
+    cache make room for the updates, or a save)."""
     t0 = time.perf_counter()
     try:
         completions = rollout.generate([to_rollout_prompt(p, cfg.data) for p in prompts], params,
@@ -264,14 +270,15 @@ def generate(rollout, prompts: list, cfg: RLConfig, params: SamplingParams, stop
         completions = None
     rollout.sleep()
     if completions is None:
-        return prompts, None, None, {}
+        return Rollouts(prompts, None, {})
     done = [c for outs in completions for c in outs]
-    return prompts, completions, None, generation_stats(policy, time.perf_counter() - t0, [c.finish_s for c in done],
-                                                        sum(len(c.token_ids) for c in done))
+    return Rollouts(prompts, completions, generation_stats(policy, time.perf_counter() - t0,
+                                                           [c.finish_s for c in done],
+                                                           sum(len(c.token_ids) for c in done)))
 
 
 def generate_partial(rollout, prompts: list, carried: tuple, step: int, cfg: RLConfig, params: SamplingParams,
-                     stop, policy) -> tuple[list, list | None, tuple | None, dict]:
+                     stop, policy) -> Rollouts:
     """A step of partial rollouts (ovr_hpc/rl/partial.py): drop the stale groups, give the step's new
     prompts to the ranks by expected tokens, then rounds of at most rollout.partial.tokens_per_step tokens
     per unfinished sequence until every rank has a finished group. The finished groups are the step's
@@ -315,7 +322,7 @@ def generate_partial(rollout, prompts: list, carried: tuple, step: int, cfg: RLC
                 raise RolloutInterrupted(f"stopped after {rounds} rounds")
     except RolloutInterrupted:
         rollout.sleep()
-        return [], None, None, {}
+        return Rollouts([], None, {})
     rollout.sleep()
     seconds = time.perf_counter() - t0
     trained, groups = carry.take_finished(groups)
@@ -328,12 +335,12 @@ def generate_partial(rollout, prompts: list, carried: tuple, step: int, cfg: RLC
     stats.update({"partial/dropped_groups": sums[0], "partial/carried_groups": sums[1],
                   "partial/rounds": sums[2] / policy.dp_size,
                   "partial/old_policy_token_share": sum(sums[4:]) / max(1.0, sum(sums[3:])),
-                  **{f"partial/staleness_tokens/{k}": v for k, v in enumerate(sums[3:])},
-                  "_versions": [[s.versions for s in g.samples] for g in trained]})
+                  **{f"partial/staleness_tokens/{k}": v for k, v in enumerate(sums[3:])}})
     completions = [[Completion(k, g.prompt_ids, s.token_ids, s.text, s.finish_reason, s.logprobs) for s in g.samples]
                    for k, g in enumerate(trained)]
     next_mean = length_sum / length_n if length_n else mean_len
-    return [prompts[g.prompt_id] for g in trained], completions, (groups, next_mean), stats
+    return Rollouts([prompts[g.prompt_id] for g in trained], completions, stats, (groups, next_mean),
+                    [[s.versions for s in g.samples] for g in trained])
 
 
 def generation_stats(policy, seconds: float, finish_times: list[float], tokens: int) -> dict:
