@@ -21,6 +21,7 @@ bytes read / (HBM bandwidth x efficiency) and FLOPs / (peak x MFU)).
 
 from __future__ import annotations
 
+import heapq
 import importlib.util
 import json
 import math
@@ -559,6 +560,47 @@ def _rl_step_time(cfg, s: Shapes, gpu: GPU, world: int, rtp: int, per_engine: fl
                 token_step_ms=max(t_mem, t_flops) * 1e3,
                 bound_by="memory" if t_mem >= t_flops else "compute", generation_s=generation, training_s=training,
                 sync_s=sync, step_s=generation + training + sync)
+
+
+def fifo_decode_steps(tokens: list[int], slots: int) -> int:
+    """Token steps until the last of these sequences is decoded, when `slots` of them decode at a time and
+    each waiting one takes the first free slot in arrival order (continuous batching, vLLM's first-come
+    first-served scheduler): a long response admitted late ends a step long after the others."""
+    free = [0] * max(1, min(slots, len(tokens)))
+    end = 0
+    for n in tokens:
+        start = heapq.heappop(free)
+        heapq.heappush(free, start + n)
+        end = max(end, start + n)
+    return end
+
+
+@dataclass
+class PartialStep:
+    token_steps: int        # fifo_decode_steps of the step's requests
+    finished: int           # responses that ended in the step
+    continued: int          # carried sequences continued in the step (their prompt is prefilled again)
+    prefix_tokens: int      # and their response tokens so far (prefilled again: the weights changed)
+    staleness: list[int]    # per finished response: steps since it started
+
+
+def partial_decode_steps(new_lengths: list[list[int]], slots: int, budget: int) -> list[PartialStep]:
+    """Steps of partial rollouts on one engine: step k admits the carried sequences first (they were queued
+    before), then the responses of new_lengths[k]; every sequence decodes at most `budget` tokens per step
+    (ovr_hpc/rl/partial.py) and a response is finished once it has its full length."""
+    carried: list[list[int]] = []   # [full length, tokens so far, first step]
+    steps = []
+    for k, lengths in enumerate(new_lengths):
+        continued, prefix_tokens = len(carried), sum(done for _, done, _ in carried)
+        carried += [[n, 0, k] for n in lengths]
+        requests = [min(budget, n - done) for n, done, _ in carried]
+        token_steps = fifo_decode_steps(requests, slots)
+        for c, r in zip(carried, requests):
+            c[1] += r
+        finished = [c for c in carried if c[1] >= c[0]]
+        carried = [c for c in carried if c[1] < c[0]]
+        steps.append(PartialStep(token_steps, len(finished), continued, prefix_tokens, [k - c[2] for c in finished]))
+    return steps
 
 
 def _disk(plan: Plan, cfg, s: Shapes, stage: str, policy: RankParams, tp: int, pp: int) -> None:

@@ -234,3 +234,26 @@ def test_tiny_kv_cache_as_measured(tiny_dir):
     tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     measured = sum(t.numel() * t.element_size() for t in tensors) / 40
     assert measured == P.kv_bytes_per_token(_tiny_shapes(tiny_dir), dtype_bytes=4)
+
+
+# ----------------------------------------------------------------------------- the long tail (bench/rollout_tail.py)
+
+
+def test_fifo_decode_steps_by_hand():
+    # 2 slots: 5 | 3 -> the 3rd (4) starts at 3 in slot 2 (ends 7), the 4th (1) at 5 in slot 1 (ends 6)
+    assert P.fifo_decode_steps([5, 3, 4, 1], 2) == 7
+    assert P.fifo_decode_steps([5, 3, 4, 1], 4) == 5      # all at once: the longest
+    assert P.fifo_decode_steps([5, 3, 4, 1], 1) == 13     # one at a time: the sum
+    assert P.fifo_decode_steps([1, 1, 1, 9], 3) == 10     # a long one admitted late ends the step late
+    assert P.fifo_decode_steps([], 4) == 0
+
+
+def test_partial_decode_steps_by_hand():
+    # budget 2, one slot: step 0 gets [3, 1] -> requests [2, 1]: 3 token steps, the 1 finishes;
+    # step 1 gets [2]: the carried 3 (2 done) first -> requests [1, 2]: 3 steps, both finish
+    s0, s1 = P.partial_decode_steps([[3, 1], [2]], slots=1, budget=2)
+    assert (s0.token_steps, s0.finished, s0.continued, s0.prefix_tokens, s0.staleness) == (3, 1, 0, 0, [0])
+    assert (s1.token_steps, s1.finished, s1.continued, s1.prefix_tokens, s1.staleness) == (3, 2, 1, 2, [1, 0])
+    # a budget at the cap is the synchronous step
+    lengths = [[7, 2, 5], [1, 6, 3]]
+    assert [s.token_steps for s in P.partial_decode_steps(lengths, 2, 7)] == [P.fifo_decode_steps(n, 2) for n in lengths]
