@@ -543,9 +543,9 @@ def _rl_step_time(cfg, s: Shapes, gpu: GPU, world: int, rtp: int, per_engine: fl
     peak = gpu.bf16_tflops * 1e12
     conc = max(1, min(per_engine, ro.max_num_seqs, int(kv_space // ((prompt + mean_len) * kv_tok))))
     token_steps = max(per_engine * mean_len / conc, length)
-    t_mem = (weights + conc * (prompt + mean_len / 2) * kv_tok) / (gpu.hbm_tbps * 1e12 * decode_efficiency)
-    t_flops = 2 * n_params * conc / rtp / (peak * mfu)
-    prefill = per_engine * prompt * 2 * n_params / rtp / (peak * mfu)
+    t_mem, t_flops = decode_step_seconds(conc, prompt + mean_len / 2, weights, kv_tok, n_params, rtp, gpu, mfu,
+                                         decode_efficiency)
+    prefill = prefill_seconds(per_engine * prompt, n_params, rtp, gpu, mfu)
     generation = token_steps * max(t_mem, t_flops) + prefill
     n = ro.prompts_per_step * ro.samples_per_prompt
     seq = prompt + mean_len
@@ -562,22 +562,50 @@ def _rl_step_time(cfg, s: Shapes, gpu: GPU, world: int, rtp: int, per_engine: fl
                 sync_s=sync, step_s=generation + training + sync)
 
 
-def fifo_decode_steps(tokens: list[int], slots: int) -> int:
-    """Token steps until the last of these sequences is decoded, when `slots` of them decode at a time and
-    each waiting one takes the first free slot in arrival order (continuous batching, vLLM's first-come
-    first-served scheduler): a long response admitted late ends a step long after the others."""
+def decode_step_seconds(active: float, context: float, weights: float, kv_tok: int, n_params: int, rtp: int,
+                        gpu: GPU, mfu: float, decode_efficiency: float) -> tuple[float, float]:
+    """(memory, compute) seconds of one token step of an engine decoding `active` sequences of `context`
+    tokens on average: it reads its weights and their KV cache once, and does 2 x params FLOPs per sequence;
+    the step takes the larger."""
+    t_mem = (weights + active * context * kv_tok) / (gpu.hbm_tbps * 1e12 * decode_efficiency)
+    return t_mem, 2 * n_params * active / rtp / (gpu.bf16_tflops * 1e12 * mfu)
+
+
+def prefill_seconds(tokens: float, n_params: int, rtp: int, gpu: GPU, mfu: float) -> float:
+    """Prefill is compute-bound: 2 x params FLOPs per token, at `mfu`."""
+    return tokens * 2 * n_params / rtp / (gpu.bf16_tflops * 1e12 * mfu)
+
+
+def fifo_decode_profile(tokens: list[int], slots: int) -> list[tuple[int, int]]:
+    """[(token steps, sequences decoding)] from the first token to the last of these sequences, when `slots`
+    of them decode at a time and each waiting one takes the first free slot in arrival order (continuous
+    batching, vLLM's first-come first-served scheduler): a long response admitted late ends the step long
+    after the others, with few sequences decoding."""
     free = [0] * max(1, min(slots, len(tokens)))
-    end = 0
+    change: dict[int, int] = {}   # token step -> change in the number decoding
     for n in tokens:
         start = heapq.heappop(free)
         heapq.heappush(free, start + n)
-        end = max(end, start + n)
-    return end
+        change[start] = change.get(start, 0) + 1
+        change[start + n] = change.get(start + n, 0) - 1
+    profile, active, times = [], 0, sorted(change)
+    for t, t_next in zip(times, times[1:]):
+        active += change[t]
+        if profile and profile[-1][1] == active:
+            profile[-1] = (profile[-1][0] + t_next - t, active)
+        else:
+            profile.append((t_next - t, active))
+    return profile
+
+
+def fifo_decode_steps(tokens: list[int], slots: int) -> int:
+    """Token steps until the last of these sequences is decoded (fifo_decode_profile)."""
+    return sum(n for n, _ in fifo_decode_profile(tokens, slots))
 
 
 @dataclass
 class PartialStep:
-    token_steps: int        # fifo_decode_steps of the step's requests
+    profile: list[tuple[int, int]]   # fifo_decode_profile of the step's requests
     finished: int           # responses that ended in the step
     continued: int          # carried sequences continued in the step (their prompt is prefilled again)
     prefix_tokens: int      # and their response tokens so far (prefilled again: the weights changed)
@@ -594,12 +622,12 @@ def partial_decode_steps(new_lengths: list[list[int]], slots: int, budget: int) 
         continued, prefix_tokens = len(carried), sum(done for _, done, _ in carried)
         carried += [[n, 0, k] for n in lengths]
         requests = [min(budget, n - done) for n, done, _ in carried]
-        token_steps = fifo_decode_steps(requests, slots)
+        profile = fifo_decode_profile(requests, slots)
         for c, r in zip(carried, requests):
             c[1] += r
         finished = [c for c in carried if c[1] >= c[0]]
         carried = [c for c in carried if c[1] < c[0]]
-        steps.append(PartialStep(token_steps, len(finished), continued, prefix_tokens, [k - c[2] for c in finished]))
+        steps.append(PartialStep(profile, len(finished), continued, prefix_tokens, [k - c[2] for c in finished]))
     return steps
 
 

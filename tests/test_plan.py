@@ -246,14 +246,17 @@ def test_fifo_decode_steps_by_hand():
     assert P.fifo_decode_steps([5, 3, 4, 1], 1) == 13     # one at a time: the sum
     assert P.fifo_decode_steps([1, 1, 1, 9], 3) == 10     # a long one admitted late ends the step late
     assert P.fifo_decode_steps([], 4) == 0
+    # intervals [0,5) [0,3) [3,7) [5,6): two decoding until step 6, then one
+    assert P.fifo_decode_profile([5, 3, 4, 1], 2) == [(6, 2), (1, 1)]
+    assert P.fifo_decode_profile([1, 1, 1, 9], 3) == [(1, 3), (9, 1)]
 
 
 def test_partial_decode_steps_by_hand():
     # budget 2, one slot: step 0 gets [3, 1] -> requests [2, 1]: 3 token steps, the 1 finishes;
     # step 1 gets [2]: the carried 3 (2 done) first -> requests [1, 2]: 3 steps, both finish
     s0, s1 = P.partial_decode_steps([[3, 1], [2]], slots=1, budget=2)
-    assert (s0.token_steps, s0.finished, s0.continued, s0.prefix_tokens, s0.staleness) == (3, 1, 0, 0, [0])
-    assert (s1.token_steps, s1.finished, s1.continued, s1.prefix_tokens, s1.staleness) == (3, 2, 1, 2, [1, 0])
+    assert (sum(n for n, _ in s0.profile), s0.finished, s0.continued, s0.prefix_tokens, s0.staleness) == (3, 1, 0, 0, [0])
+    assert (sum(n for n, _ in s1.profile), s1.finished, s1.continued, s1.prefix_tokens, s1.staleness) == (3, 2, 1, 2, [1, 0])
     # a budget at the cap is the synchronous step
     lengths = [[7, 2, 5], [1, 6, 3]]
-    assert [s.token_steps for s in P.partial_decode_steps(lengths, 2, 7)] == [P.fifo_decode_steps(n, 2) for n in lengths]
+    assert [s.profile for s in P.partial_decode_steps(lengths, 2, 7)] == [P.fifo_decode_profile(n, 2) for n in lengths]
