@@ -306,9 +306,11 @@ sampling: {{max_new_tokens: 4}}
 rollout: {{batch_size: 2, max_pixels: 50176}}
 scoring: {{num_workers: 0}}
 """)
-    script = ("import sys, json; import ovr_hpc.eval.config; from ovr_hpc.config import load_config; "
-              "from ovr_hpc.eval.runner import run_eval; "
-              "print('RESULT', json.dumps(run_eval(load_config('eval', sys.argv[1]))))")
+    # destroyed before exit as run_stage does: gloo's threads otherwise abort the process at exit now and then
+    script = ("import sys, json; import ovr_hpc.eval.config; from ovr_hpc import dist; "
+              "from ovr_hpc.config import load_config; from ovr_hpc.eval.runner import run_eval; "
+              "result = run_eval(load_config('eval', sys.argv[1])); dist.shutdown(); "
+              "print('RESULT', json.dumps(result))")
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, "-c", script, str(config)], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True,
