@@ -74,6 +74,41 @@ def test_new_groups_go_to_the_least_loaded_ranks():
     assert max(loads) - min(loads) <= 2.0                                        # within one group's cost
 
 
+def _rank_loads(buffers, tokens_per_step, max_len, mean_len):
+    """Each rank's view of the loads as generate_partial builds it: its own expected tokens, zeros elsewhere."""
+    views = []
+    for r, groups in enumerate(buffers):
+        view = [0.0] * len(buffers)
+        view[r] = sum(carry.expected_step_tokens(carry.step_limit(s, tokens_per_step, max_len), mean_len)
+                      for g in groups for s in g.samples if not s.finished)
+        views.append(view)
+    return views
+
+
+def test_new_groups_share_the_step_by_expected_tokens_as_generate_partial_shares_them():
+    # 3 ranks: rank 0 carries two long unfinished groups, rank 1 one almost at its cap, rank 2 nothing
+    tokens_per_step, max_len, mean_len, n = 4, 10, 6.0, 2
+    buffers = [[_group(1, 0, [([1] * 5, [0] * 5, None), ([2] * 3, [0] * 3, None)]),
+                _group(2, 0, [([3] * 2, [0] * 2, None), ([4], [0], "stop")])],
+               [_group(3, 0, [([5] * 9, [0] * 9, None), ([6], [0], "stop")])],
+               []]
+    views = _rank_loads(buffers, tokens_per_step, max_len, mean_len)
+    loads = [sum(col) for col in zip(*views)]   # dp_sum of the views: the same loads on every rank
+    cost = n * carry.expected_step_tokens(min(tokens_per_step, max_len), mean_len)
+    ids = [11, 12, 13, 14, 15, 16, 17]
+    owners = [carry.assign_new_groups(loads, len(ids), cost) for _ in views]   # every rank computes them
+    assert owners[0] == owners[1] == owners[2]
+    mine = [[i for i, r in zip(ids, owners[0]) if r == rank] for rank in range(3)]
+    assert sorted(sum(mine, [])) == ids                    # every new prompt goes to exactly one rank
+    totals = [loads[r] + cost * len(mine[r]) for r in range(3)]
+    assert max(totals) - min(totals) <= cost + 1e-9         # the step's expected tokens, within one group
+    # expected loads 8.76, 0.92, 0 and groups of 5.84: ranks 2, 1, 2, 1, 0, 2, 1 (by hand)
+    assert mine == [[15], [12, 14, 17], [11, 13, 16]]
+    # round robin (what a share by count would give) is not balanced here: the test can tell them apart
+    counted = [loads[r] + cost * len(ids[r::3]) for r in range(3)]
+    assert max(counted) - min(counted) > cost
+
+
 def test_tail_seconds():
     assert carry.tail_seconds([]) == 0.0
     times = [1.0] * 9 + [10.0]           # 90% done at 1 s, the last at 10 s
