@@ -109,6 +109,24 @@ def test_shipped_configs_validate(path):
     load_config(stage, path)
 
 
+
+def test_partial_rollouts_with_vllm(monkeypatch):
+    """rollout.partial works with either engine; with vllm an explicit max_model_len must hold a carried
+    response (it goes back in as a prompt), 0 (the stage's rule) always does."""
+    import importlib.util
+
+    from ovr_hpc.config import PartialRolloutConfig, RolloutConfig
+
+    real_find_spec = importlib.util.find_spec   # vLLM "installed": its own venv runs it, not this one
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    partial = PartialRolloutConfig(enabled=True)
+    lengths = [[0, 64], [3, 128]]
+    for engine, max_model_len in (("hf", 0), ("vllm", 0), ("vllm", 129), ("hf", 100)):
+        RolloutConfig(engine=engine, partial=partial, max_response_len=lengths, max_model_len=max_model_len).validate("rollout")
+    with pytest.raises(ConfigError, match=r"rollout.max_model_len \(128\) above the longest max_response_len \(128\)"):
+        RolloutConfig(engine="vllm", partial=partial, max_response_len=lengths, max_model_len=128).validate("rollout")
+    RolloutConfig(engine="vllm", max_response_len=lengths, max_model_len=128).validate("rollout")   # partial off
+
 def test_check_cli_rejects_fast():
     """`ovr-hpc check` runs without importing torch and fails with the config system's message."""
     code = ("import sys; from ovr_hpc.cli import main; rc = main(['check', 'coldstart', "
