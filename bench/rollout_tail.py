@@ -1,11 +1,12 @@
 """The long tail of an RL step's generation: synchronous vs partial rollouts, measured in one run, and the
 same through the planner's roofline for 7B on 64 H100 (the paper's length curves).
 
-    python bench/rollout_tail.py [--engine hf] [--samples 32] [--budget 48] [--steps 6]
+    python bench/rollout_tail.py [--engine hf|vllm] [--samples 32] [--budget 48] [--steps 6]
 
-Measured part: the tiny Qwen2.5-VL (random weights) and the hf engine (transformers generate on the CPU;
-the vLLM CPU build is not used here). Every response's length is forced (drawn from a log-normal, capped;
-the end-of-turn tokens are never sampled), so both modes generate the same length distribution:
+Measured part: the tiny Qwen2.5-VL (random weights) on the CPU, with the hf engine (transformers generate)
+or the vllm engine (the vLLM CPU build: run with .venv-vllm/bin/python). Every response's length is forced
+(drawn from a log-normal, capped; the end-of-turn tokens are never sampled: hf suppresses them, vllm's
+min_tokens = the request's budget), so both modes generate the same length distribution:
   synchronous: each step generates its `samples` responses whole; the batch runs until the longest is done;
   partial:     each step generates at most `budget` tokens per sequence (ovr_hpc/rl/partial.py's rule),
                new sequences plus the carried ones; after a warm-up the buffer is in its steady state and
@@ -15,6 +16,9 @@ done -> the last), the idle fraction (1 - mean finish time / last finish time) a
 finished responses' tokens; ratios partial / synchronous. The weights do not change between steps here:
 generation cost only (the carried sequences' prompts and prefixes are prefilled again every step, as in
 training, where the caches are reset after each weight push).
+
+With --engine vllm the weight push is measured too: one collective RPC per push (the engine's bucketed
+stream) against one RPC per tensor, on the same weights; printed as a ratio.
 
 Roofline part: ovr_hpc/plan.py's decode model (memory-bound token steps, continuous batching) for
 configs/qwen25vl_7b/rl.yaml on 8 x 8 H100: a synchronous step decodes for max(work / concurrency, the
@@ -47,22 +51,69 @@ def step_stats(finish: list[float]) -> tuple[float, float]:
     return tail_seconds(finish), 1.0 - sum(finish) / len(finish) / last
 
 
+def hf_engine(folder: str):
+    from ovr_hpc.models.loading import load_processor, load_vlm
+    from ovr_hpc.rollout.hf import HFRolloutEngine
+
+    engine = HFRolloutEngine(load_vlm(folder, "float32", "sdpa"), load_processor(folder, 3136, 50176),
+                             3136, 50176, batch_size=10 ** 6)   # one batch: every sequence decodes at once
+    engine.suppress_ids = engine.suppress_ids + engine.end_ids   # forced lengths: never end a turn early
+    return engine
+
+
+def vllm_engine(folder: str, args):
+    """The vLLM CPU build serving the tiny model's own weights, every sequence of a step in one batch,
+    lengths forced: min_tokens = max_tokens keeps the end-of-turn ids out until the budget is spent."""
+    from ovr_hpc.config import RolloutEngineConfig
+    from ovr_hpc.rollout.vllm import VLLMRolloutEngine
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")   # the per-tensor pushes warn about the other tensors
+    cfg = RolloutEngineConfig(engine="vllm", max_model_len=args.cap + 64, max_num_batched_tokens=8192,
+                              max_num_seqs=4 * args.samples, kv_cache_mb=256, enforce_eager=True,
+                              enable_sleep_mode=False, vllm_allow_cpu=True)
+    engine = VLLMRolloutEngine(folder, cfg, min_pixels=3136, max_pixels=50176, dtype="float32", load_format="auto")
+    unforced = engine._sampling_params
+
+    def forced(params, prompt_index, *, n, max_tokens):
+        sampling = unforced(params, prompt_index, n=n, max_tokens=max_tokens)
+        sampling.min_tokens = max_tokens
+        return sampling
+
+    engine._sampling_params = forced
+    return engine
+
+
+def push_seconds(engine, state: list, repeats: int) -> tuple[float, float, int]:
+    """(seconds per push as the engine does it: buckets streamed through one collective_rpc; seconds per
+    push with one collective_rpc per tensor; tensors). The engine serves `state` afterwards."""
+    def per_tensor():
+        for name, tensor in state:
+            engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter([(name, tensor)]),
+                                                                "is_checkpoint_format": True})
+        engine.reset_caches()
+
+    timings = {}
+    for label, push in (("per_tensor", per_tensor), ("bucketed", lambda: engine.load_weights(iter(state)))):
+        push()   # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            push()
+        timings[label] = (time.perf_counter() - t0) / repeats
+    return timings["bucketed"], timings["per_tensor"], len(state)
+
+
 def measure(args) -> dict:
     import random
 
     import torch
 
     from ovr_hpc.data.prompts import Prompt
-    from ovr_hpc.models.loading import load_processor, load_vlm
     from ovr_hpc.models.tiny import build_tiny_model
     from ovr_hpc.rollout.base import SampleRequest, SamplingParams
-    from ovr_hpc.rollout.hf import HFRolloutEngine
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    folder = build_tiny_model(os.path.join(tempfile.mkdtemp(), "model"), seed=0)
-    engine = HFRolloutEngine(load_vlm(str(folder), "float32", "sdpa"), load_processor(str(folder), 3136, 50176),
-                             3136, 50176, batch_size=10 ** 6)   # one batch: every sequence decodes at once
-    engine.suppress_ids = engine.suppress_ids + engine.end_ids   # forced lengths: never end a turn early
+    folder = str(build_tiny_model(os.path.join(tempfile.mkdtemp(), "model"), seed=0))
+    engine = vllm_engine(folder, args) if args.engine == "vllm" else hf_engine(folder)
     prompt = Prompt("Describe the long tail of response lengths.")
     rng = random.Random(0)
     params = SamplingParams(temperature=1.0, seed=0)
@@ -94,7 +145,13 @@ def measure(args) -> dict:
             part.append(dict(seconds=seconds, finished=len(done), tail_idle=step_stats([c.finish_s for c in out]),
                              sequences=len(out), max_staleness=max(stale, default=0),
                              mean_staleness=sum(stale) / max(1, len(stale))))
-    return dict(sync=sync, partial=part)
+    result = dict(sync=sync, partial=part)
+    if args.engine == "vllm":
+        from safetensors.torch import load_file
+
+        state = list(load_file(os.path.join(folder, "model.safetensors")).items())
+        result["push"] = push_seconds(engine, state, args.push_repeats)
+    return result
 
 
 def summarize(name: str, steps: list[dict]) -> dict:
@@ -158,10 +215,12 @@ def main() -> None:
     ap.add_argument("--cap", type=int, default=192, help="longest response (max_response_len)")
     ap.add_argument("--budget", type=int, default=48, help="partial: tokens per sequence per step")
     ap.add_argument("--steps", type=int, default=6, help="measured steps per mode")
+    ap.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="vllm: the CPU build (.venv-vllm)")
+    ap.add_argument("--push-repeats", type=int, default=5, help="vllm: weight pushes timed per variant")
     ap.add_argument("--roofline-only", action="store_true")
     args = ap.parse_args()
     if not args.roofline_only:
-        print(f"measured (CPU, hf engine, tiny model): {args.samples} new responses per step, lengths log-normal mean "
+        print(f"measured (CPU, {args.engine} engine, tiny model): {args.samples} new responses per step, lengths log-normal mean "
               f"{args.mean:g} sigma {args.sigma:g} capped at {args.cap}, partial budget {args.budget} tokens/step")
         result = measure(args)
         s = summarize("synchronous", result["sync"])
@@ -173,6 +232,11 @@ def main() -> None:
               f"{p['step_s'] / s['step_s']:.2f}x, tail {p['tail_s'] / max(s['tail_s'], 1e-9):.2f}x, idle "
               f"{p['idle']:.0%} vs {s['idle']:.0%}; staleness of finished responses: mean {mean_stale:.2f}, "
               f"max {stale} steps")
+        if "push" in result:
+            bucketed, per_tensor, tensors = result["push"]
+            print(f"  weight push ({tensors} tensors): {bucketed * 1e3:.1f} ms with one RPC (buckets), "
+                  f"{per_tensor * 1e3:.1f} ms with one RPC per tensor -> per-tensor / bucketed "
+                  f"{per_tensor / bucketed:.1f}x")
     for gpu in ("h100", "h200"):
         roofline(0.25, args.sigma, gpu)
 
