@@ -93,3 +93,25 @@ def test_seed_mixing_is_deterministic_and_spread():
     seeds = {V._mix_seed(s, i) for s in range(50) for i in range(50)}
     assert len(seeds) == 2500 and all(0 <= s < 2**63 for s in seeds)
     assert V._mix_seed(3, 4) == V._mix_seed(3, 4) != V._mix_seed(4, 3)
+
+
+def test_checked_weights_are_the_norm_weights(tiny_model_dir):
+    """rollout.check_weights compares the RMSNorm weights (1-D, replicated, never repacked) of both towers."""
+    from safetensors import safe_open
+
+    with safe_open(f"{tiny_model_dir}/model.safetensors", "pt") as f:
+        shapes = {n: f.get_slice(n).get_shape() for n in f.keys()}
+    checked = sorted(n for n in shapes if V.CHECKED_WEIGHTS.search(n))
+    assert all(len(shapes[n]) == 1 for n in checked)
+    assert "model.norm.weight" in checked and "visual.merger.ln_q.weight" in checked
+    assert {n.rsplit(".", 2)[-2] for n in checked} == {"input_layernorm", "post_attention_layernorm", "norm", "norm1",
+                                                        "norm2", "ln_q"}
+    assert not any("proj" in n or "embed" in n or n.endswith(".bias") for n in checked)
+
+
+def test_weight_checksum_is_exact():
+    t = torch.linspace(-1, 1, 64)
+    assert V.weight_checksum(t) == V.weight_checksum(t.clone())
+    assert V.weight_checksum(t) != V.weight_checksum(torch.nextafter(t, t + 1))   # one ulp
+    b = t.to(torch.bfloat16)
+    assert V.weight_checksum(b) == V.weight_checksum(b.clone()) != V.weight_checksum(t)
