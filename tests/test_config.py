@@ -127,6 +127,7 @@ def test_partial_rollouts_with_vllm(monkeypatch):
         RolloutConfig(engine="vllm", partial=partial, max_response_len=lengths, max_model_len=128).validate("rollout")
     RolloutConfig(engine="vllm", max_response_len=lengths, max_model_len=128).validate("rollout")   # partial off
 
+
 def test_check_cli_rejects_fast():
     """`ovr-hpc check` runs without importing torch and fails with the config system's message."""
     code = ("import sys; from ovr_hpc.cli import main; rc = main(['check', 'coldstart', "

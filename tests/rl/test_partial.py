@@ -121,14 +121,3 @@ def test_the_buffer_round_trips_through_json_exactly():
     groups[0].samples[0].logprobs = [-0.1234567890123, -1e-30]
     back, mean = carry.from_json(json.loads(json.dumps(carry.to_json(groups, 12.5))))
     assert back == groups and mean == 12.5
-
-
-def test_partial_rollouts_are_refused_with_an_engine_that_cannot_continue_a_sequence():
-    import pytest
-
-    from ovr_hpc.config import ConfigError, RolloutConfig
-
-    cfg = RolloutConfig(engine="vllm")
-    cfg.partial.enabled = True
-    with pytest.raises(ConfigError, match="partial.enabled needs rollout.engine: hf"):
-        cfg.validate("rollout")
